@@ -1,0 +1,82 @@
+"""Optimizer and LR-schedule builders.
+
+Here: weight-decay parameter groups, `build_optimizer` (AdamW; fused on CUDA, foreach elsewhere) and
+`lr_at` / `build_scheduler` (linear warmup, then cosine, linear, WSD or constant). Not here: Muon
+(`muon.py`; `build_optimizer` dispatches to it for optim.name=muon).
+
+Decay policy (as in nanoGPT / OLMo): weight decay only on matrices that multiply activations; no
+decay on norms, biases or embeddings (the token embedding and, when untied, nothing else that is a
+lookup table). W_e and W_ue are linear projections and are decayed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scaletrain.config import Decay, OptimConfig, ScheduleConfig
+from scaletrain.muon import build_muon
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into decay / no-decay groups by the module that owns them."""
+    no_decay_types = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, no_decay_types) or name == "bias" or p.ndim < 2:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "group": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+    """`adamw`: torch AdamW on decay/no-decay groups. `muon`: Muon on hidden matrices, AdamW (same
+    settings as `adamw`) on the rest, in one optimizer (scaletrain/muon.py)."""
+    if cfg.name not in ("adamw", "muon"):
+        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; available: adamw, muon")
+    impl = cfg.implementation
+    if impl == "auto":
+        impl = "fused" if device_type == "cuda" else "foreach"
+    kwargs = {"fused": impl == "fused", "foreach": impl == "foreach"}
+    if cfg.name == "muon":
+        return build_muon(model, cfg, **kwargs)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs
+    )
+
+
+def lr_at(step: int, max_steps: int, base_lr: float, s: ScheduleConfig) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup to base_lr, then the configured decay."""
+    min_lr = base_lr * s.min_lr_ratio
+    warmup = min(s.warmup_steps, max_steps)
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if s.decay == Decay.constant:
+        return base_lr
+    if s.decay == Decay.wsd:
+        decay_start = max(warmup, max_steps - int(round(s.decay_frac * max_steps)))
+        if step < decay_start:
+            return base_lr
+        progress = (step - decay_start) / max(1, max_steps - decay_start)
+        return base_lr + (min_lr - base_lr) * min(1.0, progress)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if s.decay == Decay.linear:
+        return base_lr + (min_lr - base_lr) * progress
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """A LambdaLR whose state (last_epoch) is checkpointed with the optimizer."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, max_steps, cfg.lr, cfg.schedule) / cfg.lr
+    )

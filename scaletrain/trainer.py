@@ -1,0 +1,281 @@
+"""The training loop: build components from config, train, evaluate, sample, checkpoint, log.
+
+`Trainer.fit()` is the one loop and reads top to bottom; `train(cfg, run_dir)` is the entry. Here: device choice, the optimizer
+step with gradient accumulation / clipping / bf16 autocast / optional torch.compile, evaluation
+(loss and bits per byte), sampling, checkpoint-resume and the final `summary.json`. Not here: model
+code, data pipeline, metric sinks (see `model.py`, `data.py`, `metrics.py`).
+
+Host-device syncs (`.item()`) happen only on logging, eval and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from scaletrain import checkpoint as ckpt
+from scaletrain.config import Precision, to_container, validate
+from scaletrain.data import BatchLoader, PreparedData, eval_batches, prepare_data
+from scaletrain.metrics import MetricsLogger, gpu_peak_flops, measure_matmul_peak, write_run_record
+from scaletrain.model import Transformer
+from scaletrain.optim import build_optimizer, build_scheduler
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available here; use train.device=auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("train.device='mps' but MPS is not available here; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); otherwise bf16 matmuls
+    take a scalar fallback that measured ~1000x slower than fp32 on the 2-core AVX2 EPYC used for CI."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_flops(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """The FLOP/s that MFU divides by, and where it came from."""
+    if cfg.train.matmul_peak_tflops:
+        return cfg.train.matmul_peak_tflops * 1e12, "train.matmul_peak_tflops"
+    if device.type == "cuda":
+        peak = gpu_peak_flops(device)
+        name = torch.cuda.get_device_name(device)
+        return (peak, f"datasheet dense bf16 peak of {name}") if peak else (None, f"no peak known for {name}")
+    if device.type == "cpu" and cfg.train.measure_cpu_peak:
+        return measure_matmul_peak(device, dtype), f"measured {dtype} 2048^3 matmul on this CPU"
+    return None, f"no peak known for {device.type} (set train.matmul_peak_tflops)"
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: PreparedData, cfg: DictConfig, device: torch.device, autocast) -> dict:
+    """Mean next-token loss over a fixed set of validation windows, and their exact bits per byte."""
+    model.eval()
+    nats, n_tokens, n_bytes = torch.zeros((), device=device), 0, 0
+    token_bytes = data.tokenizer.token_bytes()  # UTF-8 bytes each id stands for (eot: 0)
+    for x, y in eval_batches(data.val.tokens, cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches):
+        n_tokens += y.numel()
+        n_bytes += int(token_bytes[y.numpy()].sum())
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+    model.train()
+    total = nats.item()
+    # bpb: total nats of the predicted tokens -> bits, divided by the UTF-8 bytes those tokens encode.
+    return {"val/loss": total / n_tokens, "val/bpb": total / math.log(2) / n_bytes}
+
+
+def sample(model: Transformer, data: PreparedData, cfg: DictConfig, device: torch.device, step: int) -> list[str]:
+    """A few stories from the prompt. Uses its own generator so training RNG is untouched."""
+    t = cfg.train
+    gen = torch.Generator(device=device).manual_seed(t.seed + step)
+    prompt = torch.tensor([data.tokenizer.encode(t.sample_prompt)] * t.sample_count, device=device)
+    out = model.generate(prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k,
+                         stop_token=data.tokenizer.eot_id, generator=gen)
+    texts = []
+    for row in out.tolist():
+        if data.tokenizer.eot_id in row[prompt.shape[1]:]:
+            row = row[: prompt.shape[1] + row[prompt.shape[1]:].index(data.tokenizer.eot_id)]
+        texts.append(data.tokenizer.decode(row))
+    return texts
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB -> MiB (process peak RSS)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so metrics.jsonl reads as one run."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def build_model(cfg: DictConfig, data: PreparedData) -> Transformer:
+    if cfg.moe.n_experts > 0:
+        raise NotImplementedError("moe: MoE layers are not wired into the model yet; use moe=none")
+    vocab = cfg.model.vocab_size or data.tokenizer.vocab_size
+    if vocab < data.tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data.tokenizer.vocab_size}")
+    return Transformer(cfg.model, vocab, cfg.data.seq_len)
+
+
+class Trainer:
+    """Owns the components of one run; `fit()` is the loop. Rank 0 only for now (see distributed issue)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, run_name: str = "run"):
+        validate(cfg)
+        self.t_start = time.perf_counter()
+        self.cfg, self.tc, self.run_dir, self.run_name = cfg, cfg.train, Path(run_dir), run_name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(self.tc.device)
+        seed_everything(self.tc.seed)
+        write_run_record(self.run_dir, to_container(cfg), self.device)
+
+        self.data = prepare_data(cfg.data)
+        self.model = build_model(cfg, self.data).to(self.device)
+        self.counts = self.model.param_counts()
+        c = self.counts
+        print(f"model {cfg.model.name}: {c['total'] / 1e6:.2f}M parameters ({c['embedding'] / 1e6:.2f}M embedding, "
+              f"{c['non_embedding'] / 1e6:.2f}M non-embedding, {c['active'] / 1e6:.2f}M active per token)")
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.tc.max_steps)
+        self.loader = BatchLoader(self.data.train.tokens, self.tc.batch_size, cfg.data.seq_len, seed=self.tc.seed)
+        self.step, self.tokens_seen, self.elapsed_before, wandb_id = 0, 0, 0.0, None
+        resume_from = ckpt.resolve_resume(self.tc.resume, self.run_dir)
+        if resume_from is not None:
+            wandb_id = self.restore(resume_from)
+
+        self.logger = MetricsLogger(self.run_dir, cfg.logging.wandb, to_container(cfg), run_name, wandb_id)
+        self.logger.log(self.step, {f"params/{k}": v for k, v in c.items()})
+        bf16 = self.tc.precision == Precision.bf16
+        if bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            print("WARNING: train.precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls fall back to a "
+                  "slow path here (measured ~1000x slower than fp32). Use train.precision=fp32 on this machine.")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
+            else contextlib.nullcontext
+        self.peak, peak_source = peak_flops(cfg, self.device, torch.bfloat16 if bf16 else torch.float32)
+        print(f"device {self.device}, precision {self.tc.precision}, compile {self.tc.compile}; MFU against "
+              f"{'%.1f TFLOP/s' % (self.peak / 1e12) if self.peak else 'nothing'} ({peak_source})")
+        self.fwd = torch.compile(self.model) if self.tc.compile else self.model
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len * self.tc.grad_accum
+
+    def restore(self, path: Path) -> str | None:
+        """Load a checkpoint into every component; returns the W&B run id to continue."""
+        state = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before = state.get("wallclock_s", 0.0)
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        print(f"resumed from {path} at step {self.step}")
+        return state.get("wandb_id")
+
+    def wallclock(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def save(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "rng": ckpt.rng_state(), "step": self.step, "tokens_seen": self.tokens_seen,
+                 "wandb_id": self.logger.wandb_id, "wallclock_s": self.wallclock(), "config": to_container(self.cfg)}
+        ckpt.save_checkpoint(self.run_dir, self.step, state, self.tc.ckpt_keep)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm) as device tensors."""
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.tc.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.fwd(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / self.tc.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss_sum, grad_norm
+
+    def log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, steps: int, seconds: float) -> dict:
+        tok_s = steps * self.tokens_per_step / seconds
+        m = {"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
+             "train/grad_norm": grad_norm.item(), "train/tokens": self.tokens_seen, "perf/tokens_per_s": tok_s,
+             "perf/step_s": seconds / steps, "perf/memory_mb": memory_mb(self.device)}
+        if self.peak:
+            m["perf/mfu"] = self.flops_per_token * tok_s / self.peak
+        self.logger.log(self.step, m)
+        return m
+
+    def eval_and_sample(self) -> dict:
+        val = evaluate(self.model, self.data, self.cfg, self.device, self.autocast)
+        texts = sample(self.model, self.data, self.cfg, self.device, self.step)
+        self.logger.log(self.step, val)
+        self.logger.log_samples(self.step, texts)
+        tqdm.write(f"step {self.step}: val loss {val['val/loss']:.4f}, val bpb {val['val/bpb']:.4f}")
+        for i, text in enumerate(texts):
+            tqdm.write(f"  sample {i}: {text!r}")
+        return val
+
+    def fit(self) -> dict[str, Any]:
+        tc, val = self.tc, {}
+        self.model.train()
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not tc.progress_bar, dynamic_ncols=True)
+        t_window, steps_in_window = time.perf_counter(), 0
+        while self.step < tc.max_steps:
+            loss, grad_norm = self.train_step()
+            steps_in_window += 1
+            bar.update(1)
+            last = self.step == tc.max_steps
+            if self.step % tc.log_every == 0 or last:
+                m = self.log_train(loss, grad_norm, steps_in_window, time.perf_counter() - t_window)
+                bar.set_postfix(loss=f"{m['train/loss']:.3f}", tok_s=f"{m['perf/tokens_per_s']:.0f}")
+                t_window, steps_in_window = time.perf_counter(), 0
+            if (tc.eval_every and self.step % tc.eval_every == 0) or last:
+                val = self.eval_and_sample()
+                t_window, steps_in_window = time.perf_counter(), 0  # eval time is not training throughput
+            if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last:
+                self.save()
+        bar.close()
+        if not val:  # resumed a run that had already finished: evaluate once more for the summary
+            val = self.eval_and_sample()
+        return self.finish(val)
+
+    def finish(self, val: dict) -> dict[str, Any]:
+        c = self.counts
+        summary = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val["val/loss"],
+                   "val_bpb": val["val/bpb"], "params_total": c["total"], "params_active": c["active"],
+                   "params_embedding": c["embedding"], "params_non_embedding": c["non_embedding"],
+                   "flops_per_token": self.flops_per_token, "flops": self.flops_per_token * self.tokens_seen,
+                   "wallclock_s": self.wallclock(), "run_name": self.run_name, "wandb_id": self.logger.wandb_id}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.finish(summary)
+        print(f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {summary['val_loss']:.4f}, "
+              f"val bpb {summary['val_bpb']:.4f}, {summary['wallclock_s']:.1f} s; run dir {self.run_dir}")
+        return summary
+
+
+def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, Any]:
+    """Train per `cfg`, writing records, metrics, checkpoints and summary.json into `run_dir`."""
+    return Trainer(cfg, run_dir, run_name).fit()

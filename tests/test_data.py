@@ -1,0 +1,360 @@
+"""Tests for scaletrain.data: text parsing, tokenizers, packed token cache, batch loader, errors.
+
+Real data comes from ../shared (SCALETRAIN_SHARED overrides); small corpora are written to tmp_path
+and tokenized with GPT-2's BPE so that expected streams are exact and need no training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from scaletrain import data
+from scaletrain.config import DataConfig, TokenizerConfig
+from scaletrain.data import BatchLoader, DataError, Tokenizer, eval_batches, iter_txt_documents, prepare_data
+
+SEPARATOR = "\n<|endoftext|>\n"  # what follows each story in the TinyStories text files
+TRAIN_DOCS = [f"Story {i}: Tom saw a “big” dog. It was {'very ' * (i % 4)}café-good." for i in range(40)]
+VAL_DOCS = [f"Val {i}: Sue ran — fast! ‘Yes’, she said." for i in range(12)]
+
+
+def data_cfg(cache, **kw):
+    tokenizer = kw.pop("tokenizer", {})
+    return OmegaConf.structured(DataConfig(cache_dir=str(cache), tokenizer=TokenizerConfig(**tokenizer), **kw))
+
+
+def gpt2_cfg(path, cache, tinystories_dir, **kw):
+    gpt2 = {"kind": "gpt2", "gpt2_dir": str(tinystories_dir.parent / "gpt2_tokenizer")}
+    return data_cfg(cache, path=str(path), tokenizer=gpt2, **{"seq_len": 8, **kw})
+
+
+def write_txt(folder, name, docs):
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("".join(d + SEPARATOR for d in docs), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tinystories_dir):
+    return Tokenizer.from_gpt2_files(tinystories_dir.parent / "gpt2_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def stories(tinystories_dir, data_cache):
+    """Real TinyStories with a 512-token BPE, in the session cache that the training tests share."""
+    cfg = data_cfg(data_cache, path=str(tinystories_dir), seq_len=64,
+                   tokenizer={"vocab_size": 512})
+    return cfg, prepare_data(cfg)
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    write_txt(tmp_path / "corpus", "train.txt", TRAIN_DOCS)
+    write_txt(tmp_path / "corpus", "valid.txt", VAL_DOCS)
+    return tmp_path / "corpus"
+
+
+def expected_stream(tok, docs):
+    return [i for d in docs for i in tok.encode(d) + [tok.eot_id]]
+
+
+# ----------------------------------------------------------------------------- text and tokenizers
+
+
+def test_txt_documents_are_split_on_endoftext_and_stripped(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("  One.\nTwo lines.\n<|endoftext|>\n\n<|endoftext|>\nMid<|endoftext|>line\nTail without end\n")
+    assert list(iter_txt_documents(path)) == ["One.\nTwo lines.", "Mid", "line\nTail without end"]
+
+
+def test_bpe_round_trips_real_stories_including_unicode_quotes(stories, tinystories_dir):
+    tok = stories[1].tokenizer
+    docs = list(iter_txt_documents(tinystories_dir / "valid.txt"))
+    assert any("“" in d for d in docs) and any("’" in d for d in docs)
+    assert all(tok.decode(tok.encode(d)) == d for d in docs)
+    assert tok.vocab_size == 512 and tok.eot_id == 0
+
+
+def test_tokenizer_save_and_load_keep_ids_and_fingerprint(stories, tmp_path):
+    tok = stories[1].tokenizer
+    tok.save(tmp_path / "tok.json")
+    loaded = Tokenizer.load(tmp_path / "tok.json")
+    text = "Once upon a time, “Lily” said hi."
+    assert loaded.encode(text) == tok.encode(text)
+    assert (loaded.fingerprint, loaded.eot_id, loaded.vocab_size) == (tok.fingerprint, tok.eot_id, tok.vocab_size)
+
+
+def test_gpt2_tokenizer_gives_the_original_gpt2_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert (gpt2.eot_id, gpt2.vocab_size) == (50256, 50257)
+    assert gpt2.encode_batch(["Hello world", " world"]) == [[15496, 995], [995]]
+
+
+def test_literal_endoftext_in_a_document_is_encoded_as_text(gpt2):
+    ids = gpt2.encode("a<|endoftext|>b")
+    assert gpt2.eot_id not in ids and gpt2.decode(ids) == "a<|endoftext|>b"
+    assert gpt2.decode([15496, 50256]) == "Hello<|endoftext|>"
+
+
+def test_missing_gpt2_files_error_names_the_path(tmp_path, small_corpus):
+    cfg = data_cfg(tmp_path / "cache", path=str(small_corpus), tokenizer={"kind": "gpt2", "gpt2_dir": str(tmp_path)})
+    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path))}/vocab.json.*data.tokenizer.gpt2_dir"):
+        prepare_data(cfg)
+
+
+# ----------------------------------------------------------------------------- packing and cache
+
+
+def test_packed_stream_is_each_document_followed_by_eot(small_corpus, tmp_path, tinystories_dir, gpt2):
+    d = prepare_data(gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir))
+    assert d.train.tokens.dtype == np.uint16 and d.val.tokens.dtype == np.uint16
+    assert d.train.tokens.tolist() == expected_stream(gpt2, TRAIN_DOCS)
+    assert d.val.tokens.tolist() == expected_stream(gpt2, VAL_DOCS)
+    assert (d.train.n_docs, d.val.n_docs) == (40, 12)
+    assert int((d.train.tokens == 50256).sum()) == 40
+    assert d.train.n_bytes == sum(len(doc.encode()) for doc in TRAIN_DOCS)
+    assert d.val.bytes_per_token == sum(len(doc.encode()) for doc in VAL_DOCS) / len(d.val.tokens)
+    meta = json.loads((d.cache_dir / "meta.json").read_text())
+    assert meta["train"] == {"n_tokens": len(d.train.tokens), "n_bytes": d.train.n_bytes, "n_docs": 40}
+    assert d.cache_dir.name.endswith("-" + d.tokenizer.fingerprint)
+
+
+def test_max_val_tokens_keeps_the_whole_documents_that_fit(small_corpus, tmp_path, tinystories_dir, gpt2):
+    first_three = len(expected_stream(gpt2, VAL_DOCS[:3]))
+    d = prepare_data(gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir, max_val_tokens=first_three + 5))
+    assert d.val.tokens.tolist() == expected_stream(gpt2, VAL_DOCS[:3])
+    assert (d.val.n_docs, d.val.n_bytes) == (3, sum(len(doc.encode()) for doc in VAL_DOCS[:3]))
+    assert d.train.n_docs == 40
+
+
+def test_tinystories_counts_are_exact_and_bytes_per_token_plausible(stories, tinystories_dir):
+    d = stories[1]
+    for split, name, n_docs in ((d.train, "train.txt", 4709), (d.val, "valid.txt", 1000)):
+        assert split.n_docs == n_docs
+        assert int((split.tokens == d.tokenizer.eot_id).sum()) == n_docs
+        # The files are stories each followed by "\n<|endoftext|>\n"; only story bytes count.
+        assert split.n_bytes == (tinystories_dir / name).stat().st_size - n_docs * len(SEPARATOR)
+        assert 2.0 < split.bytes_per_token < 4.0
+        assert int(d.tokenizer.token_bytes()[split.tokens].sum()) == split.n_bytes
+
+
+def test_token_bytes_count_the_utf8_bytes_each_gpt2_id_stands_for(gpt2):
+    lengths = gpt2.token_bytes()
+    text = "Hello “world” café"
+    assert len(lengths) == 50257 and lengths[50256] == 0
+    assert int(lengths[gpt2.encode(text)].sum()) == len(text.encode()) == 23
+
+
+def test_second_prepare_reuses_tokenizer_and_tokens_without_recomputing(stories, monkeypatch):
+    cfg, first = stories
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed although the cache is warm")
+
+    monkeypatch.setattr(Tokenizer, "train_bpe", fail)
+    monkeypatch.setattr(data, "_encode_split", fail)
+    monkeypatch.setattr(data, "_load_local_file", fail)
+    second = prepare_data(cfg)
+    assert second.cache_dir == first.cache_dir
+    assert second.tokenizer.fingerprint == first.tokenizer.fingerprint
+    assert np.array_equal(second.train.tokens, first.train.tokens)
+    assert np.array_equal(second.val.tokens, first.val.tokens)
+
+
+def test_changed_text_gets_a_new_cache_entry(small_corpus, tmp_path, tinystories_dir, gpt2):
+    cfg = gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir)
+    before = prepare_data(cfg)
+    write_txt(small_corpus, "valid.txt", VAL_DOCS[:6])
+    after = prepare_data(cfg)
+    assert after.cache_dir != before.cache_dir
+    assert after.val.tokens.tolist() == expected_stream(gpt2, VAL_DOCS[:6])
+
+
+def test_interrupted_build_leaves_no_entry_that_looks_complete(small_corpus, tmp_path, tinystories_dir, monkeypatch):
+    cfg = gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir)
+    write = data._write_stream
+
+    def crash_on_val(encoded, path, *args):
+        if path.name == "val.bin":
+            raise KeyboardInterrupt
+        return write(encoded, path, *args)
+
+    monkeypatch.setattr(data, "_write_stream", crash_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg)
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == []
+    monkeypatch.setattr(data, "_write_stream", write)
+    assert prepare_data(cfg).val.n_docs == 12
+
+
+def test_jsonl_and_parquet_inputs_give_the_same_stream(tmp_path, tinystories_dir, gpt2):
+    for fmt in ("jsonl", "parquet"):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        for name, docs in (("train", TRAIN_DOCS), ("validation", VAL_DOCS)):
+            rows = {"id": list(range(len(docs))), "story": docs}
+            if fmt == "jsonl":
+                lines = [json.dumps({"id": i, "story": s}) for i, s in zip(rows["id"], rows["story"])]
+                (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+            else:
+                pq.write_table(pa.table(rows), folder / f"{name}.parquet")
+        d = prepare_data(gpt2_cfg(folder, tmp_path / "cache", tinystories_dir, text_column="story"))
+        assert d.train.tokens.tolist() == expected_stream(gpt2, TRAIN_DOCS)
+        assert d.val.tokens.tolist() == expected_stream(gpt2, VAL_DOCS)
+        assert d.val.n_bytes == sum(len(doc.encode()) for doc in VAL_DOCS)
+
+
+def test_hub_splits_are_loaded_by_name_and_packed_like_local_files(tmp_path, tinystories_dir, gpt2, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(hub_id, split):
+        calls.append((hub_id, split))
+        docs = TRAIN_DOCS if split == "train" else VAL_DOCS
+        return datasets.Dataset.from_dict({"id": list(range(len(docs))), "story": docs})
+
+    monkeypatch.setattr(data, "_check_hub_reachable", lambda timeout_s: None)
+    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    cfg = gpt2_cfg(tmp_path, tmp_path / "cache", tinystories_dir, text_column="story")
+    cfg.path = None
+    d = prepare_data(cfg)
+    assert calls == [("roneneldan/TinyStories", "train"), ("roneneldan/TinyStories", "validation")]
+    assert d.train.tokens.tolist() == expected_stream(gpt2, TRAIN_DOCS)
+    assert (d.val.n_docs, d.val.n_bytes) == (12, sum(len(doc.encode()) for doc in VAL_DOCS))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_folder_error_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"data.path=.*{re.escape(str(tmp_path))}/nope.*train.txt/valid.txt"):
+        prepare_data(data_cfg(tmp_path / "cache", path=str(tmp_path / "nope")))
+
+
+def test_folder_without_split_files_lists_the_accepted_names(tmp_path):
+    write_txt(tmp_path, "train.txt", TRAIN_DOCS)
+    accepted = "valid.txt, valid.jsonl, valid.parquet, validation.txt, validation.jsonl, validation.parquet, " \
+               "val.txt, val.jsonl, val.parquet"
+    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path))}: no val file; expected exactly one of {accepted}$"):
+        prepare_data(data_cfg(tmp_path / "cache", path=str(tmp_path)))
+
+
+def test_two_train_files_are_rejected_as_ambiguous(small_corpus, tmp_path):
+    (small_corpus / "train.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"more than one \(train.txt, train.jsonl\) train file"):
+        prepare_data(data_cfg(tmp_path / "cache", path=str(small_corpus)))
+
+
+def test_missing_column_error_names_the_key_and_the_file(tmp_path):
+    for name in ("train.jsonl", "val.jsonl"):
+        (tmp_path / name).write_text('{"story": "Once."}\n')
+    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path))}/train.jsonl has no column 'text' "
+                                        r"\(data.text_column\); its columns: \['story'\]"):
+        prepare_data(data_cfg(tmp_path / "cache", path=str(tmp_path)))
+
+
+def test_split_shorter_than_one_window_is_an_error(small_corpus, tmp_path, tinystories_dir):
+    with pytest.raises(DataError, match=r"train split has \d+ tokens, fewer than data.seq_len \+ 1 = 10001"):
+        prepare_data(gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir, seq_len=10_000))
+
+
+def test_unreachable_hub_fails_fast_and_points_to_data_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub at http://127.0.0.1:9 .*"
+                                        r"data.path=../shared/data/tinystories.*HF_HUB_OFFLINE=1"):
+        prepare_data(data_cfg(tmp_path / "cache"))
+    assert time.perf_counter() - t0 < 5.0
+
+
+# ----------------------------------------------------------------------------- batches
+
+TOKENS = np.arange(1000, dtype=np.uint16)  # token value = position, so windows are easy to read
+N_WINDOWS = 99  # (1000 - 1) // 10 windows of 11 tokens at stride 10
+
+
+def starts_of(x):
+    return x[:, 0].tolist()
+
+
+def test_batches_are_windows_with_targets_shifted_by_one():
+    x, y = BatchLoader(TOKENS, batch_size=4, seq_len=10, seed=0).next_batch()
+    assert x.shape == y.shape == (4, 10) and x.dtype == y.dtype == torch.int64
+    assert all(s % 10 == 0 for s in starts_of(x))
+    assert torch.equal(x, x[:, :1] + torch.arange(10)) and torch.equal(y, x + 1)
+
+
+def test_same_seed_same_batches_different_seed_different_batches():
+    def first_batches(seed):
+        loader = BatchLoader(TOKENS, batch_size=4, seq_len=10, seed=seed)
+        return torch.stack([loader.next_batch()[0] for _ in range(30)])
+
+    assert torch.equal(first_batches(1), first_batches(1))
+    assert not torch.equal(first_batches(1)[0], first_batches(2)[0])
+
+
+def test_one_epoch_visits_every_window_once_and_the_next_reshuffles():
+    loader = BatchLoader(TOKENS, batch_size=9, seq_len=10, seed=3)
+    epochs = [[s for _ in range(11) for s in starts_of(loader.next_batch()[0])] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(0, 990, 10))
+    assert epochs[0] != epochs[1]
+
+
+def test_ranks_take_disjoint_windows_that_together_cover_the_epoch():
+    per_rank = []
+    for r in range(3):
+        loader = BatchLoader(TOKENS, batch_size=3, seq_len=10, seed=5, rank=r, world_size=3)
+        per_rank.append([s for _ in range(11) for s in starts_of(loader.next_batch()[0])])
+    assert all(len(set(p)) == 33 for p in per_rank)
+    assert sorted(per_rank[0] + per_rank[1] + per_rank[2]) == list(range(0, 990, 10))
+
+
+def test_world_size_not_dividing_the_windows_drops_the_remainder_so_ranks_stay_in_step():
+    loaders = [BatchLoader(TOKENS, 7, 10, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert [ld.per_rank for ld in loaders] == [N_WINDOWS // 2] * 2
+    for _ in range(8):  # 56 windows > 49 per rank: both cross into epoch 1 at the same batch
+        for ld in loaders:
+            ld.next_batch()
+    assert [(ld.epoch, ld.pos) for ld in loaders] == [(1, 7), (1, 7)]
+
+
+def test_restored_state_gives_exactly_the_next_batch_also_across_an_epoch_boundary():
+    loader = BatchLoader(TOKENS, batch_size=8, seq_len=10, seed=7)
+    for _ in range(12):  # 96 of 99 windows used: the next batch straddles epochs 0 and 1
+        loader.next_batch()
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "pos": 96, "seed": 7, "seq_len": 10, "world_size": 1, "n_tokens": 1000}
+    expected = [loader.next_batch() for _ in range(3)]
+    restored = BatchLoader(TOKENS, batch_size=8, seq_len=10, seed=7)
+    restored.load_state_dict(state)
+    for x, y in expected:
+        rx, ry = restored.next_batch()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+    assert restored.state_dict()["epoch"] == 1
+
+
+def test_loading_state_saved_with_another_seq_len_is_refused():
+    state = BatchLoader(TOKENS, 8, 10, seed=7).state_dict()
+    with pytest.raises(ValueError, match="saved with seq_len=10, this loader has seq_len=20"):
+        BatchLoader(TOKENS, 8, 20, seed=7).load_state_dict(state)
+
+
+def test_eval_batches_are_the_first_windows_in_order_every_time():
+    first = [x for x, _ in eval_batches(TOKENS, batch_size=4, seq_len=10, n_batches=3)]
+    again = [x for x, _ in eval_batches(TOKENS, batch_size=4, seq_len=10, n_batches=3)]
+    assert [starts_of(x) for x in first] == [[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100, 110]]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_eval_batches_on_a_short_split_give_the_windows_there_are():
+    sizes = [x.shape[0] for x, _ in eval_batches(TOKENS[:95], batch_size=4, seq_len=10, n_batches=5)]
+    assert sizes == [4, 4, 1]  # (95 - 1) // 10 = 9 windows

@@ -1,0 +1,149 @@
+"""Model behaviour: shapes, causality, RoPE properties, parameter-count formula, attention parity."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scaletrain.config import ModelConfig
+from scaletrain.model import Attention, RotaryEmbedding, Transformer
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(name="t", d_model=64, n_layers=2, n_heads=4, d_ff=128, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_forward_returns_logits_of_shape_batch_time_vocab():
+    model = Transformer(small_cfg(), vocab_size=97, max_seq_len=32)
+    logits = model(torch.randint(0, 97, (3, 17)))
+    assert logits.shape == (3, 17, 97)
+
+
+@pytest.mark.parametrize("activation,norm,qk_norm", [("relu", "layernorm", False), ("swiglu", "rmsnorm", True),
+                                                     ("gelu", "layernorm", True)])
+def test_changing_future_tokens_never_changes_earlier_logits(activation, norm, qk_norm):
+    torch.manual_seed(0)
+    model = Transformer(small_cfg(activation=activation, norm=norm, qk_norm=qk_norm), 50, 16).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = torch.randint(0, 50, (2, 7))
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_rope_scores_depend_only_on_the_offset_between_positions():
+    torch.manual_seed(0)
+    K, T = 16, 40
+    rope = RotaryEmbedding(K, T, theta=10000.0)
+    q, k = torch.randn(K), torch.randn(K)
+    # place the same q and k vectors at every position, rotate, and take all pairwise scores
+    q_rot = rope(q.expand(1, T, 1, K).contiguous())[0, :, 0]
+    k_rot = rope(k.expand(1, T, 1, K).contiguous())[0, :, 0]
+    scores = q_rot @ k_rot.T  # scores[m, n] = <R_m q, R_n k>
+    for offset in (0, 1, 5, 17):
+        diag = torch.diagonal(scores, offset=-offset)  # pairs with m - n = offset
+        torch.testing.assert_close(diag, diag[0].expand_as(diag), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(scores[3, 0], scores[5, 0])
+
+
+def test_rope_equals_complex_rotation_of_interleaved_pairs():
+    torch.manual_seed(1)
+    K, T, theta = 8, 10, 500.0
+    x = torch.randn(2, T, 3, K)
+    freqs = theta ** (-torch.arange(0, K, 2, dtype=torch.float64) / K)
+    rot = torch.polar(torch.ones(T, K // 2, dtype=torch.float64), torch.outer(torch.arange(T, dtype=torch.float64), freqs))
+    xc = torch.view_as_complex(x.double().reshape(2, T, 3, K // 2, 2))
+    expected = torch.view_as_real(xc * rot[None, :, None, :]).reshape(2, T, 3, K).float()
+    torch.testing.assert_close(RotaryEmbedding(K, T, theta)(x), expected, rtol=1e-6, atol=1e-6)
+    # position 0 is the identity
+    torch.testing.assert_close(RotaryEmbedding(K, T, theta)(x)[:, 0], x[:, 0])
+
+
+def expected_param_count(c: ModelConfig, V: int) -> dict[str, int]:
+    D, Fh, L, E = c.d_model, c.d_ff, c.n_layers, c.n_embed or c.d_model
+    b = 1 if c.bias else 0
+    norm = D * (2 if (c.norm == "layernorm" and c.bias) else 1)
+    attn = 4 * (D * D + b * D) + (2 * (D // c.n_heads) if c.qk_norm else 0)
+    n_mlp_in = 2 if c.activation == "swiglu" else 1
+    mlp = n_mlp_in * (D * Fh + b * Fh) + Fh * D + b * D
+    non_emb = L * (attn + mlp + 2 * norm) + norm
+    emb = V * E + (E * D + b * D) + (0 if c.tie_embeddings else D * V)
+    return {"total": emb + non_emb, "embedding": emb, "non_embedding": non_emb, "active": emb + non_emb}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(bias=True), dict(activation="swiglu", norm="rmsnorm"), dict(tie_embeddings=True, qk_norm=True),
+     dict(n_embed=32, bias=True, norm="layernorm"), dict(d_model=512, n_layers=3, n_heads=4, d_ff=2048, dropout=0.1)],
+)
+def test_parameter_count_equals_its_formula(kw):
+    cfg = small_cfg(**kw)
+    model = Transformer(cfg, vocab_size=4096, max_seq_len=16)
+    assert model.param_counts() == expected_param_count(cfg, 4096)
+
+
+def test_baseline_10m_has_9_44m_non_embedding_parameters():
+    cfg = ModelConfig(name="baseline_10m", d_model=512, n_layers=3, n_heads=4, d_ff=2048)
+    counts = Transformer(cfg, vocab_size=4096, max_seq_len=256).param_counts()
+    # per block: 4*512^2 attention + 2*512*2048 MLP + 2 LayerNorm weights of 512; + final norm
+    assert counts["non_embedding"] == 3 * (4 * 512**2 + 2 * 512 * 2048 + 2 * 512) + 512 == 9_440_768
+    assert counts["embedding"] == 4096 * 512 + 512 * 512 + 512 * 4096 == 4_456_448
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = Transformer(small_cfg(tie_embeddings=True), vocab_size=40, max_seq_len=8)
+    assert model.W_ue.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+
+
+def test_sdpa_attention_equals_explicit_softmax_reference():
+    torch.manual_seed(0)
+    cfg = small_cfg(bias=True, qk_norm=True)
+    rope = RotaryEmbedding(16, 12, cfg.rope_theta)
+    attn = Attention(cfg, rope).eval()
+    x = torch.randn(2, 12, 64)
+    B, T, H, K = 2, 12, 4, 16
+    q = attn.q_norm(attn.wq(x).view(B, T, H, K))
+    k = attn.k_norm(attn.wk(x).view(B, T, H, K))
+    v = attn.wv(x).view(B, T, H, K)
+    q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(K)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    o = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(B, T, H * K)
+    torch.testing.assert_close(attn(x), attn.wo(o), rtol=1e-5, atol=1e-5)
+
+
+def test_flops_per_token_follows_6n_plus_attention_formula():
+    cfg = small_cfg()
+    model = Transformer(cfg, vocab_size=100, max_seq_len=32)
+    matmul = 2 * (4 * 64 * 64 + 2 * 64 * 128) + 64 * 64 + 64 * 100
+    assert model.flops_per_token(32) == 6 * matmul + 12 * 2 * 32 * 64
+
+
+def test_greedy_generation_is_deterministic_and_extends_the_prompt():
+    torch.manual_seed(0)
+    model = Transformer(small_cfg(), vocab_size=30, max_seq_len=8).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    out1 = model.generate(prompt, 10, temperature=0.0)
+    out2 = model.generate(prompt, 10, temperature=0.0)
+    assert out1.shape == (1, 13) and torch.equal(out1, out2) and torch.equal(out1[:, :3], prompt)
+    # greedy token equals argmax of the model's last-position logits (context cropped to max_seq_len)
+    assert out1[0, 3].item() == model(prompt)[0, -1].argmax().item()
+
+
+@pytest.mark.parametrize("norm,act,bias,tie,qk", list(itertools.product(
+    ["layernorm", "rmsnorm"], ["relu", "gelu", "swiglu"], [False, True], [False, True], [False, True]))[::5])
+def test_every_switch_combination_trains_one_step(norm, act, bias, tie, qk):
+    torch.manual_seed(0)
+    model = Transformer(small_cfg(norm=norm, activation=act, bias=bias, tie_embeddings=tie, qk_norm=qk), 40, 8)
+    idx = torch.randint(0, 40, (2, 8))
+    loss = F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
+    loss.backward()
+    assert math.isclose(loss.item(), math.log(40), rel_tol=0.05)  # near-uniform at init
+    assert all(p.grad is not None for p in model.parameters())

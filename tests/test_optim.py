@@ -1,0 +1,72 @@
+"""Optimizer groups and LR schedules: exact values on fixed inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scaletrain.config import ModelConfig, OptimConfig, ScheduleConfig
+from scaletrain.model import Transformer
+from scaletrain.optim import build_optimizer, build_scheduler, lr_at, param_groups
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings_only():
+    model = Transformer(ModelConfig(name="t", d_model=32, n_layers=2, n_heads=2, d_ff=64, bias=True, qk_norm=True),
+                        vocab_size=50, max_seq_len=8)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(skipped) and decayed | skipped == set(names.values())
+    assert all(n.endswith("weight") and ("norm" not in n) for n in decayed)
+    assert {"tok_emb.weight", "W_e.bias", "final_norm.weight", "blocks.0.attn.q_norm.weight"} <= skipped
+    assert {"W_e.weight", "W_ue.weight", "blocks.1.attn.wq.weight", "blocks.1.mlp.w_out.weight"} <= decayed
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_adamw_uses_foreach_on_cpu():
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, OptimConfig(), "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] and not opt.defaults["fused"]
+
+
+def test_unknown_optimizer_name_is_rejected():
+    with pytest.raises(ValueError, match="optim.name"):
+        build_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="sgd2"), "cpu")
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "wsd", "constant"])
+def test_warmup_is_linear_to_the_base_lr(decay):
+    s = ScheduleConfig(warmup_steps=10, decay=decay, min_lr_ratio=0.1, decay_frac=0.2)
+    assert [lr_at(i, 100, 1.0, s) for i in (0, 4, 9)] == [0.1, 0.5, 1.0]
+
+
+def test_cosine_decays_to_min_lr_through_the_midpoint():
+    s = ScheduleConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert lr_at(10, 110, 2.0, s) == pytest.approx(2.0)
+    assert lr_at(60, 110, 2.0, s) == pytest.approx(0.2 + 0.5 * 1.8)
+    assert lr_at(110, 110, 2.0, s) == pytest.approx(0.2)
+
+
+def test_linear_and_wsd_shapes():
+    lin = ScheduleConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0)
+    assert lr_at(50, 100, 1.0, lin) == pytest.approx(0.5)
+    wsd = ScheduleConfig(warmup_steps=10, decay="wsd", min_lr_ratio=0.0, decay_frac=0.2)
+    assert lr_at(79, 100, 1.0, wsd) == 1.0  # stable phase until the last 20 steps
+    assert lr_at(90, 100, 1.0, wsd) == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, wsd) == pytest.approx(0.0)
+
+
+def test_scheduler_sets_the_optimizer_lr_each_step():
+    cfg = OptimConfig(lr=1e-2, schedule=ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.0))
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg, "cpu")
+    sched = build_scheduler(opt, cfg, max_steps=20)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [lr_at(i, 20, 1e-2, cfg.schedule) for i in range(20)]
+    assert seen == pytest.approx(expected) and math.isclose(max(seen), 1e-2)

@@ -1,0 +1,177 @@
+"""Training: overfitting, falling loss on TinyStories, exact resume, determinism, run records, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scaletrain import data as data_mod
+from scaletrain.config import ModelConfig
+from scaletrain.model import Transformer
+from scaletrain.trainer import train
+
+from .conftest import REPO, compose_cfg, tiny_overrides
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def test_tiny_model_overfits_one_batch_to_near_zero_loss():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(name="t", d_model=64, n_layers=2, n_heads=4, d_ff=256), 64, 32)
+    idx = torch.randint(0, 64, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tinystories_dir, data_cache, tmp_path_factory) -> Path:
+    """One short tiny run on the TinyStories sample, shared by the assertions below."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0}))
+    train(cfg, run_dir, run_name="baseline")
+    return run_dir
+
+
+def test_loss_falls_on_the_tinystories_sample(baseline_run):
+    losses = train_losses(baseline_run)
+    summary = json.loads((baseline_run / "summary.json").read_text())
+    assert losses[5] > 5.0  # a uniform guess over the 512-token vocabulary scores ln(512) = 6.24
+    assert losses[40] < losses[5] - 0.3 and losses[40] == min(losses.values())
+    assert summary["val_loss"] < math.log(512) - 1.0
+    assert 0 < summary["val_bpb"] < summary["val_loss"] / math.log(2)  # BPE tokens span > 1 byte
+
+
+def test_run_directory_holds_config_records_metrics_and_summary(baseline_run):
+    summary = json.loads((baseline_run / "summary.json").read_text())
+    for key in ("step", "tokens_seen", "val_loss", "val_bpb", "params_total", "params_active", "flops", "wallclock_s"):
+        assert key in summary, key
+    assert summary["step"] == 40 and summary["tokens_seen"] == 40 * 8 * 64
+    assert summary["flops"] == pytest.approx(summary["flops_per_token"] * summary["tokens_seen"])
+    info = json.loads((baseline_run / "run_info.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__ and info["git_sha"] and info["hardware"]["cpu_count"]
+    cfg = json.loads((baseline_run / "config.json").read_text())
+    assert cfg["model"]["name"] == "tiny" and cfg["train"]["max_steps"] == 40
+    records = read_metrics(baseline_run)
+    assert {"val/loss", "val/bpb"} <= set().union(*records)
+    assert any("samples" in r for r in records)
+    ckpts = sorted(p.name for p in (baseline_run / "checkpoints").iterdir())
+    assert ckpts == ["step_0000010.pt", "step_0000020.pt", "step_0000030.pt", "step_0000040.pt"]
+
+
+def test_same_seed_and_config_give_identical_losses(baseline_run, tinystories_dir, data_cache, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40}))
+    train(cfg, tmp_path, run_name="again")
+    assert train_losses(tmp_path) == train_losses(baseline_run)
+
+
+def test_interrupted_then_resumed_run_equals_the_uninterrupted_run(
+    baseline_run, tinystories_dir, data_cache, tmp_path, monkeypatch
+):
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0})
+    calls = {"n": 0}
+    original = data_mod.BatchLoader.next_batch
+
+    def crash_after_25_batches(self):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(data_mod.BatchLoader, "next_batch", crash_after_25_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_cfg(overrides), tmp_path)
+    monkeypatch.setattr(data_mod.BatchLoader, "next_batch", original)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step_0000020.pt"
+
+    train(compose_cfg(overrides + ["train.resume=auto"]), tmp_path)
+    resumed, reference = train_losses(tmp_path), train_losses(baseline_run)
+    assert resumed.keys() == reference.keys()
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+    ref_val = json.loads((baseline_run / "summary.json").read_text())["val_loss"]
+    assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == pytest.approx(ref_val, abs=1e-6)
+
+
+def test_resume_from_an_explicit_checkpoint_path(baseline_run, tinystories_dir, data_cache, tmp_path):
+    ckpt = baseline_run / "checkpoints" / "step_0000030.pt"
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.resume": str(ckpt)})
+    train(compose_cfg(overrides), tmp_path)
+    assert train_losses(tmp_path)[40] == pytest.approx(train_losses(baseline_run)[40], abs=1e-6)
+
+
+def test_resume_from_a_missing_path_names_the_key(tinystories_dir, data_cache, tmp_path):
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.resume": str(tmp_path / "nothing")})
+    with pytest.raises(FileNotFoundError, match="train.resume"):
+        train(compose_cfg(overrides), tmp_path / "run")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tinystories_dir, data_cache, tmp_path):
+    """2 x 4 sequences accumulated == 8 sequences at once (same windows, dropout off)."""
+    base = {"train.max_steps": 3, "train.eval_every": 0, "train.ckpt_every": 0, "train.log_every": 1}
+    big = train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **base)), tmp_path / "big")
+    acc = train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **base, **{
+        "train.batch_size": 4, "train.grad_accum": 2})), tmp_path / "acc")
+    assert big["tokens_seen"] == acc["tokens_seen"]
+    assert train_losses(tmp_path / "acc")[1] == pytest.approx(train_losses(tmp_path / "big")[1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_run_writes_a_wandb_offline_run_and_summary(tinystories_dir, data_cache, tmp_path):
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{
+        "train.max_steps": 10, "logging.wandb.mode": "offline", "hydra.run.dir": str(tmp_path / "run")})
+    env = {"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "scaletrain.run", *overrides], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 10 and summary["wandb_id"] in offline[0].name
+    assert (run / ".hydra" / "config.yaml").is_file() and "val bpb" in res.stdout
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from scaletrain import checkpoint as ckpt
+
+    ckpt.save_checkpoint(tmp_path, 10, {"w": torch.ones(3)}, keep=2)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 20, {"w": torch.zeros(3)}, keep=2)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000010.pt"]  # no temp file left
+    assert ckpt.resolve_resume("auto", tmp_path).name == "step_0000010.pt"
+    assert torch.equal(ckpt.load_checkpoint(ckpt.resolve_resume("auto", tmp_path))["w"], torch.ones(3))
+
+
+def test_checkpoint_rotation_keeps_the_newest(tmp_path):
+    from scaletrain import checkpoint as ckpt
+
+    for step in (5, 10, 15, 20):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000015.pt", "step_0000020.pt"]
+
+
