@@ -105,7 +105,7 @@ class MoEConfig:
     score: RouterScore = RouterScore.softmax
     norm_topk: bool = True  # renormalize the top-k gates to sum to 1 (no effect when top_k = 1)
     capacity_factor: Optional[float] = None  # None = dropless; else capacity = ceil(tokens * top_k * cf / n_experts)
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss alpha * E/k * sum_i f_i P_i (= alpha when balanced)
+    aux_loss_coef: float = 0.01  # Switch balancing alpha*E*sum_e f_e*P_e (f_e: share of slots); = alpha if balanced
     z_loss_coef: float = 0.001  # router z-loss coef * mean(logsumexp(logits)^2)
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) gamma; 0 = off
     router_jitter: float = 0.0  # training only: router input scaled by U(1 - eps, 1 + eps) (Switch)
