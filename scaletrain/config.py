@@ -229,7 +229,27 @@ class LoggingConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where the jobs of a sweep run and with what resources (conf/cluster/*.yaml). The launcher
+    (`hydra.launcher`: submitit_local or submitit_slurm) reads these by interpolation, and only under
+    `-m`; the trainer reads the rank/requeue fields. One rank per GPU: tasks_per_node = gpus_per_node."""
+
     name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 0  # GPUs of each node per job (local: per job); every GPU is a rank
+    tasks_per_node: int = 1  # ranks per node: = gpus_per_node on GPUs; on CPU, the gloo processes per job
+    cpus_per_task: Optional[int] = None  # None = the scheduler's default
+    mem_gb: Optional[int] = None  # per node; None = the scheduler's default
+    timeout_min: int = 240  # time limit per job attempt (a requeued job gets it again)
+    max_requeues: int = 20  # preemptions / time limits a job may be requeued after; then it stops
+    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit: time to checkpoint
+    partition: Optional[str] = None  # SLURM only, from here on
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = 256  # jobs of the sweep's array running at once
+    additional_parameters: dict[str, str] = field(default_factory=dict)  # more sbatch flags: {mail-type: END}
+    setup: list[str] = field(default_factory=list)  # shell lines in the sbatch script before srun
+    parallel_jobs: Optional[int] = None  # local only: jobs at once; None = all GPUs busy (CPU: 1)
 
 
 @dataclass
@@ -328,6 +348,16 @@ def validate(cfg: DictConfig | Config) -> None:
         "train.resume",
         "expected none | auto | PATH",
     )
+    c = cfg.cluster
+    _check(c.nodes >= 1, "cluster.nodes", f"must be >= 1, got {c.nodes}")
+    _check(c.gpus_per_node >= 0, "cluster.gpus_per_node", f"must be >= 0, got {c.gpus_per_node}")
+    _check(c.tasks_per_node >= 1, "cluster.tasks_per_node", f"must be >= 1 (ranks per node), got {c.tasks_per_node}")
+    _check(c.gpus_per_node == 0 or c.tasks_per_node == c.gpus_per_node, "cluster.tasks_per_node",
+           f"one rank per GPU: must equal cluster.gpus_per_node={c.gpus_per_node}, got {c.tasks_per_node}")
+    _check(c.nodes == 1 or c.name != "local", "cluster.nodes", "cluster=local runs on this machine: nodes must be 1")
+    _check(c.timeout_min >= 1 and c.max_requeues >= 0 and c.signal_delay_s >= 0, "cluster.timeout_min/max_requeues/"
+           "signal_delay_s", "timeout_min >= 1, max_requeues >= 0, signal_delay_s >= 0")
+    _check(c.parallel_jobs is None or c.parallel_jobs >= 1, "cluster.parallel_jobs", "must be >= 1 or null (auto)")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,20 @@ def write_run_record(run_dir: Path, config: dict, device: torch.device) -> dict[
     return record
 
 
+def write_status(run_dir: Path, state: str, step: int, error: BaseException | None = None) -> None:
+    """Atomically write status.json: running | finished | failed | interrupted, so a sweep report can
+    tell a failed or stopped job from a running one without reading logs."""
+    status: dict[str, Any] = {"state": state, "step": step, "pid": os.getpid(), "host": socket.gethostname(),
+                              "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if error is not None:
+        status["error"] = f"{type(error).__name__}: {error}"
+        status["traceback"] = "".join(traceback.format_exception(error))
+    path = Path(run_dir) / "status.json"
+    tmp = path.with_name(f".status.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """metrics.jsonl + W&B. Only the rank that owns logging constructs one."""
 
@@ -144,6 +160,17 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def log_histograms(self, step: int, values: dict[str, list[float]]) -> None:
+        """Per-expert token counts and the like: raw lists in metrics.jsonl, bar histograms in W&B."""
+        if not values:
+            return
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({k: wandb.Histogram(np_histogram=(v, list(range(len(v) + 1))))
+                                for k, v in values.items()}, step=step)
+
     def log_samples(self, step: int, samples: list[str]) -> None:
         self._jsonl.write(json.dumps({"step": step, "samples": samples}) + "\n")
         if self.wandb_run is not None:
@@ -152,10 +179,12 @@ class MetricsLogger:
             table = wandb.Table(columns=["step", "sample"], data=[[step, s] for s in samples])
             self.wandb_run.log({"samples": table}, step=step)
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
+        """Close the W&B run (also after a failure, so the next job of a sweep gets its own run)."""
         if self.wandb_run is not None:
             if summary:
                 self.wandb_run.summary.update(summary)
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
-        self._jsonl.close()
+        if not self._jsonl.closed:
+            self._jsonl.close()

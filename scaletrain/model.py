@@ -1,8 +1,9 @@
 """Decoder-only transformer: token embedding + W_e, pre-norm blocks (RoPE attention, MLP), W_ue.
 
 Here: `Transformer`, `Block`, `Attention`, `MLP`, `RotaryEmbedding`, norm construction, parameter
-counting and FLOPs per token, and sampling. Not here: MoE layers (`moe.py`), parallelism (applied
-from outside the model, torchtitan style), optimizer grouping (`optim.py`).
+counting and FLOPs per token (active parameters for MoE), and sampling. Not here: the MoE layer that
+replaces the MLP of configured blocks (`moe.py`), parallelism (applied from outside the model,
+torchtitan style), optimizer grouping (`optim.py`, `muon.py`).
 
 Shape legend for tensor names: B batch, T sequence, D d_model, E n_embed (token-embedding width),
 H heads, K head dim, F MLP hidden, V vocabulary.
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import Activation, ModelConfig, Norm
+from scaletrain.config import Activation, MoEConfig, ModelConfig, Norm
+from scaletrain.moe import MoE, inactive_params, is_moe_layer, moe_matmul_params
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -113,14 +115,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); `mlp` is an MoE layer when
+    the block is one of the configured MoE layers."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, moe_cfg: MoEConfig | None = None, layer_idx: int = 0):
         super().__init__()
         self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, rope)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, moe_cfg, layer_idx) if is_moe_layer(layer_idx, moe_cfg) else MLP(cfg)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
@@ -130,7 +133,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding [V, E] -> W_e [E -> D] -> blocks -> final norm -> W_ue [D -> V] logits."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, moe_cfg: MoEConfig | None = None):
         super().__init__()
         self.cfg, self.vocab_size, self.max_seq_len = cfg, vocab_size, max_seq_len
         D, E = cfg.d_model, cfg.n_embed or cfg.d_model
@@ -139,7 +142,7 @@ class Transformer(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.dropout)
         # One RoPE table shared by all layers (a buffer, so it follows .to(device)).
         self.rope = RotaryEmbedding(D // cfg.n_heads, max_seq_len, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, self.rope) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, self.rope, moe_cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg, D)
         self.W_ue = nn.Linear(D, vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -166,7 +169,8 @@ class Transformer(nn.Module):
         return self.W_ue(self.final_norm(x_BTD))
 
     def param_counts(self) -> dict[str, int]:
-        """Parameter counts. `embedding` = token embedding + W_e + W_ue (shared tensors counted once)."""
+        """Parameter counts. `embedding` = token embedding + W_e + W_ue (shared tensors counted once);
+        `active` = what one token uses (MoE: router, shared experts and top_k of the routed experts)."""
         seen: set[int] = set()
 
         def count(module: nn.Module) -> int:
@@ -180,15 +184,17 @@ class Transformer(nn.Module):
         embedding = count(self.tok_emb) + count(self.W_e) + count(self.W_ue)
         non_embedding = count(self.blocks) + count(self.final_norm)
         total = embedding + non_embedding
-        return {"total": total, "embedding": embedding, "non_embedding": non_embedding, "active": total}
+        active = total - inactive_params(self)
+        return {"total": total, "embedding": embedding, "non_embedding": non_embedding, "active": active}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * (matmul weights) + 12 * L * T * D for attention scores/values.
 
         Matmul weights exclude the embedding lookup but include W_e and W_ue (PaLM / nanoGPT convention,
-        attention counted as if non-causal, as in most published MFU figures).
+        attention counted as if non-causal, as in most published MFU figures); for MoE layers only the
+        weights a token is routed through (router, shared experts, top_k routed experts) count.
         """
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)) + moe_matmul_params(self)
         return 6.0 * matmul + 12.0 * self.cfg.n_layers * seq_len * self.cfg.d_model
 
     @torch.no_grad()

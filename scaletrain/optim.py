@@ -5,8 +5,8 @@ Here: weight-decay parameter groups, `build_optimizer` (AdamW; fused on CUDA, fo
 (`muon.py`; `build_optimizer` dispatches to it for optim.name=muon).
 
 Decay policy (as in nanoGPT / OLMo): weight decay only on matrices that multiply activations; no
-decay on norms, biases or embeddings (the token embedding and, when untied, nothing else that is a
-lookup table). W_e and W_ue are linear projections and are decayed.
+decay on norms, biases (including stacked MoE expert biases) or the token embedding. W_e, W_ue and the
+MoE router are linear maps and are decayed. Roles come from `muon.param_roles`.
 """
 
 from __future__ import annotations
@@ -17,22 +17,18 @@ import torch
 from torch import nn
 
 from scaletrain.config import Decay, OptimConfig, ScheduleConfig
-from scaletrain.muon import build_muon
+from scaletrain.muon import build_muon, param_roles
+
+
+NO_DECAY_ROLES = ("embedding", "norm", "bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into decay / no-decay groups by the module that owns them."""
-    no_decay_types = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if isinstance(module, no_decay_types) or name == "bias" or p.ndim < 2:
-                no_decay.append(p)
-            else:
-                decay.append(p)
+    """Decay / no-decay groups from the parameter roles that also drive Muon's split (muon.param_roles),
+    so AdamW and Muon runs agree on what is decayed."""
+    decay, no_decay = [], []
+    for r in param_roles(model):
+        (no_decay if r.role in NO_DECAY_ROLES else decay).append(r.param)
     return [
         {"params": decay, "weight_decay": weight_decay, "group": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},

@@ -28,8 +28,10 @@ from tqdm import tqdm
 from scaletrain import checkpoint as ckpt
 from scaletrain.config import Precision, to_container, validate
 from scaletrain.data import BatchLoader, PreparedData, eval_batches, prepare_data
-from scaletrain.metrics import MetricsLogger, gpu_peak_flops, measure_matmul_peak, write_run_record
+from scaletrain.metrics import MetricsLogger, gpu_peak_flops, measure_matmul_peak, write_run_record, write_status
 from scaletrain.model import Transformer
+from scaletrain.moe import moe_aux_loss, moe_layers, moe_metrics, update_moe_biases
+from scaletrain.muon import format_param_split
 from scaletrain.optim import build_optimizer, build_scheduler
 
 
@@ -99,6 +101,8 @@ def evaluate(model: torch.nn.Module, data: PreparedData, cfg: DictConfig, device
 def sample(model: Transformer, data: PreparedData, cfg: DictConfig, device: torch.device, step: int) -> list[str]:
     """A few stories from the prompt. Uses its own generator so training RNG is untouched."""
     t = cfg.train
+    if t.sample_count == 0:
+        return []
     gen = torch.Generator(device=device).manual_seed(t.seed + step)
     prompt = torch.tensor([data.tokenizer.encode(t.sample_prompt)] * t.sample_count, device=device)
     out = model.generate(prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k,
@@ -125,12 +129,34 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def build_model(cfg: DictConfig, data: PreparedData) -> Transformer:
-    if cfg.moe.n_experts > 0:
-        raise NotImplementedError("moe: MoE layers are not wired into the model yet; use moe=none")
     vocab = cfg.model.vocab_size or data.tokenizer.vocab_size
     if vocab < data.tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data.tokenizer.vocab_size}")
-    return Transformer(cfg.model, vocab, cfg.data.seq_len)
+    return Transformer(cfg.model, vocab, cfg.data.seq_len, cfg.moe)
+
+
+def forward_backward(fwd, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss on one micro-batch, backward of scale * (LM loss + MoE aux losses) -> detached (LM, aux)."""
+    with autocast():
+        logits = fwd(x)
+    lm = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    aux = moe_aux_loss(model)
+    total = lm if aux is None else lm + aux
+    (total * scale).backward()
+    return lm.detach(), (aux.detach() if aux is not None else torch.zeros((), device=lm.device))
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """Clip, step, advance the schedule, update MoE selection biases (once per optimizer step, outside
+    the gradient path), zero grads. Returns the pre-clip gradient norm (device tensor, no sync)."""
+    clip = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
+    update_moe_biases(model)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 class Trainer:
@@ -152,6 +178,8 @@ class Trainer:
         print(f"model {cfg.model.name}: {c['total'] / 1e6:.2f}M parameters ({c['embedding'] / 1e6:.2f}M embedding, "
               f"{c['non_embedding'] / 1e6:.2f}M non-embedding, {c['active'] / 1e6:.2f}M active per token)")
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        if cfg.optim.name == "muon":  # the audit trail of which optimizer updates which parameter
+            print(format_param_split(self.model))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.tc.max_steps)
         self.loader = BatchLoader(self.data.train.tokens, self.tc.batch_size, cfg.data.seq_len, seed=self.tc.seed)
         self.step, self.tokens_seen, self.elapsed_before, wandb_id = 0, 0, 0.0, None
@@ -171,6 +199,10 @@ class Trainer:
         print(f"device {self.device}, precision {self.tc.precision}, compile {self.tc.compile}; MFU against "
               f"{'%.1f TFLOP/s' % (self.peak / 1e12) if self.peak else 'nothing'} ({peak_source})")
         self.fwd = torch.compile(self.model) if self.tc.compile else self.model
+        self.is_moe = bool(moe_layers(self.model))
+        if self.is_moe:
+            print(f"MoE: {len(moe_layers(self.model))} layers of {cfg.moe.n_experts} experts, top-{cfg.moe.top_k}, "
+                  f"{cfg.moe.n_shared} shared; the dispatch path is printed after the first step")
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len * self.tc.grad_accum
 
@@ -198,34 +230,35 @@ class Trainer:
                  "wandb_id": self.logger.wandb_id, "wallclock_s": self.wallclock(), "config": to_container(self.cfg)}
         ckpt.save_checkpoint(self.run_dir, self.step, state, self.tc.ckpt_keep)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm) as device tensors."""
-        loss_sum = torch.zeros((), device=self.device)
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches -> (LM loss, aux loss, grad norm), device tensors."""
+        lm_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
         for _ in range(self.tc.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.fwd(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / self.tc.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            lm, aux = forward_backward(self.fwd, self.model, x, y, self.autocast, 1.0 / self.tc.grad_accum)
+            lm_sum += lm / self.tc.grad_accum
+            aux_sum += aux / self.tc.grad_accum
+        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.tc.grad_clip)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return loss_sum, grad_norm
+        return lm_sum, aux_sum, grad_norm
 
-    def log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, steps: int, seconds: float) -> dict:
+    def log_train(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor, steps: int,
+                  seconds: float) -> dict:
         tok_s = steps * self.tokens_per_step / seconds
         m = {"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
              "train/grad_norm": grad_norm.item(), "train/tokens": self.tokens_seen, "perf/tokens_per_s": tok_s,
              "perf/step_s": seconds / steps, "perf/memory_mb": memory_mb(self.device)}
         if self.peak:
             m["perf/mfu"] = self.flops_per_token * tok_s / self.peak
+        if self.is_moe:
+            scalars, loads = moe_metrics(self.model)
+            m.update(scalars, **{"train/aux_loss": aux.item()})
+            self.logger.log_histograms(self.step, loads)
         self.logger.log(self.step, m)
+        write_status(self.run_dir, "running", self.step)
         return m
 
     def eval_and_sample(self) -> dict:
@@ -244,12 +277,14 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not tc.progress_bar, dynamic_ncols=True)
         t_window, steps_in_window = time.perf_counter(), 0
         while self.step < tc.max_steps:
-            loss, grad_norm = self.train_step()
+            loss, aux, grad_norm = self.train_step()
+            if self.is_moe and steps_in_window == 0 and self.step == 1:
+                print("MoE dispatch: " + "; ".join(sorted({m.dispatch for m in moe_layers(self.model)})))
             steps_in_window += 1
             bar.update(1)
             last = self.step == tc.max_steps
             if self.step % tc.log_every == 0 or last:
-                m = self.log_train(loss, grad_norm, steps_in_window, time.perf_counter() - t_window)
+                m = self.log_train(loss, aux, grad_norm, steps_in_window, time.perf_counter() - t_window)
                 bar.set_postfix(loss=f"{m['train/loss']:.3f}", tok_s=f"{m['perf/tokens_per_s']:.0f}")
                 t_window, steps_in_window = time.perf_counter(), 0
             if (tc.eval_every and self.step % tc.eval_every == 0) or last:
@@ -277,5 +312,19 @@ class Trainer:
 
 
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, Any]:
-    """Train per `cfg`, writing records, metrics, checkpoints and summary.json into `run_dir`."""
-    return Trainer(cfg, run_dir, run_name).fit()
+    """Train per `cfg`, writing records, metrics, checkpoints, status.json and summary.json into `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = None
+    write_status(run_dir, "running", 0)
+    try:
+        trainer = Trainer(cfg, run_dir, run_name)
+        summary = trainer.fit()
+    except BaseException as err:
+        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        write_status(run_dir, state, trainer.step if trainer else 0, err)
+        if trainer is not None:
+            trainer.logger.finish(exit_code=1)
+        raise
+    write_status(run_dir, "finished", summary["step"])
+    return summary

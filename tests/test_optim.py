@@ -26,15 +26,19 @@ def test_weight_decay_skips_norms_biases_and_embeddings_only():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def tiny_model() -> Transformer:
+    return Transformer(ModelConfig(name="t", d_model=16, n_layers=1, n_heads=2, d_ff=32), vocab_size=20, max_seq_len=4)
+
+
 def test_adamw_uses_foreach_on_cpu():
-    model = torch.nn.Linear(4, 4)
+    model = tiny_model()
     opt = build_optimizer(model, OptimConfig(), "cpu")
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] and not opt.defaults["fused"]
 
 
 def test_unknown_optimizer_name_is_rejected():
     with pytest.raises(ValueError, match="optim.name"):
-        build_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="sgd2"), "cpu")
+        build_optimizer(tiny_model(), OptimConfig(name="sgd2"), "cpu")
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "wsd", "constant"])
@@ -61,7 +65,7 @@ def test_linear_and_wsd_shapes():
 
 def test_scheduler_sets_the_optimizer_lr_each_step():
     cfg = OptimConfig(lr=1e-2, schedule=ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.0))
-    opt = build_optimizer(torch.nn.Linear(2, 2), cfg, "cpu")
+    opt = build_optimizer(tiny_model(), cfg, "cpu")
     sched = build_scheduler(opt, cfg, max_steps=20)
     seen = []
     for _ in range(20):

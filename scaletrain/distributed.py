@@ -1,0 +1,344 @@
+"""Distributed runs: where the ranks come from, the process group, each rank's device, DDP / FSDP2
+applied from outside the model, rank-0 helpers, cluster records, and preemption (signal -> flag ->
+checkpoint -> requeue).
+
+Launchers understood by `detect_env()`, first match wins:
+- torchrun (`TORCHELASTIC_RUN_ID`): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT are already set;
+- submitit (`SUBMITIT_EXECUTOR` = slurm | local; Hydra's submitit_slurm / submitit_local launchers, one
+  task per rank): `submitit.helpers.TorchDistributedEnvironment` exports the same variables;
+- plain `srun` inside an sbatch script (SLURM_STEP_ID and SLURM_NTASKS set, no submitit): the same
+  variables derived from SLURM's, master = first node of the job, port derived from the job id;
+- anything else: one process.
+torch.distributed is the engine: NCCL on GPUs, gloo on CPU; nothing here moves tensors by hand.
+
+Preemption: SLURM sends the job's `--signal` (USR2, `signal_delay_s` before the time limit, or at
+preemption with `preempt_send_user_signal`) or SIGTERM (preemption without it, `scontrol requeue`,
+`scancel`). `Preemption` only sets a flag; the loop asks `requested()` after each step (agreed across
+ranks), saves a checkpoint, and `requeue_or_stop()` requeues the job (`scontrol requeue`, only while it
+is still RUNNING, so that `scancel` is final) and exits without a result, so submitit's client keeps
+waiting for the requeued run. Why not submitit's `Checkpointable` (hydra-submitit-launcher's
+`checkpoint()`): it runs inside the signal handler in the middle of a step, only on rank 0, while a
+sharded checkpoint needs every rank at a step boundary; and it only resubmits the same arguments,
+which is what a requeue of the same sbatch script does anyway.
+
+Not here: the training loop (trainer.py), checkpoint files (checkpoint.py), launcher settings
+(conf/cluster/*.yaml).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# submitit's LocalExecutor restarts the tasks of a job that exits with this code (its "requeue")
+SUBMITIT_LOCAL_REQUEUE_CODE = 144
+_SLURM_RECORD = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+                 "SLURM_JOB_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_JOB_QOS",
+                 "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS", "SLURM_CPUS_PER_TASK",
+                 "SLURM_SUBMIT_DIR", "SUBMITIT_EXECUTOR", "CUDA_VISIBLE_DEVICES")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    launcher: str = "none"  # torchrun | submitit-slurm | submitit-local | srun | env | none
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _from_env(launcher: str) -> DistEnv:
+    e = os.environ
+    world = int(e["WORLD_SIZE"])
+    return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world)),
+                   launcher)
+
+
+def _export_srun_env() -> None:
+    """An srun task without submitit: the env:// variables from SLURM's (as lingua does)."""
+    e = os.environ
+    nodes = subprocess.run(["scontrol", "show", "hostnames", e["SLURM_JOB_NODELIST"]], capture_output=True,
+                           text=True, check=True).stdout.split()
+    ntasks, nnodes = int(e["SLURM_NTASKS"]), int(e.get("SLURM_JOB_NUM_NODES", 1))
+    e.setdefault("MASTER_ADDR", nodes[0])
+    e.setdefault("MASTER_PORT", str(20000 + int(e["SLURM_JOB_ID"]) % 40000))  # same on every task of the job
+    e.update(RANK=e["SLURM_PROCID"], WORLD_SIZE=str(ntasks), LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
+             LOCAL_WORLD_SIZE=str(ntasks // nnodes))
+
+
+def detect_env() -> DistEnv:
+    """This process's place in the job, from the launcher's environment (see the module docstring)."""
+    e = os.environ
+    if "TORCHELASTIC_RUN_ID" in e:
+        return _from_env("torchrun")
+    executor = e.get("SUBMITIT_EXECUTOR")
+    if executor in ("slurm", "local"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # CUDA_VISIBLE_DEVICES is left alone: a local job may own a slice of the GPUs (claim_local_slot)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return _from_env(f"submitit-{executor}")
+    if {"RANK", "WORLD_SIZE"} <= e.keys():
+        return _from_env("env")
+    if "SLURM_STEP_ID" in e and int(e.get("SLURM_NTASKS", 1)) > 1:
+        _export_srun_env()
+        return _from_env("srun")
+    return DistEnv()
+
+
+def in_cluster_job() -> bool:
+    """True inside a SLURM job or a submitit job (whose run directory belongs to one sweep point)."""
+    return "SLURM_JOB_ID" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
+
+
+_SLOT_LOCKS: list[Any] = []  # open lock files, held until the process exits
+
+
+def claim_local_slot(env: DistEnv, job_num: int, n_slots: int, lock_dir: Path) -> int:
+    """submitit_local runs every job of a sweep at once; this makes job `job_num` wait for slot
+    `job_num % n_slots` (one lock per slot and local rank) and returns its first device index, so that
+    with G GPUs and g GPUs per job, G // g jobs run side by side and the rest queue behind them."""
+    slot = job_num % n_slots
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(lock_dir / f"slot{slot}_rank{env.local_rank}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while an earlier job of this slot is running
+    _SLOT_LOCKS.append(lock)
+    return slot * env.local_world_size
+
+
+def local_slots(parallel_jobs: int | None, ranks_per_job: int) -> int:
+    """How many jobs of a submitit_local sweep run at once: as set, else one per `ranks_per_job` GPUs
+    (all GPUs busy), else (CPU) one at a time."""
+    if parallel_jobs:
+        return parallel_jobs
+    if torch.cuda.is_available():
+        return max(1, torch.cuda.device_count() // ranks_per_job)
+    return 1
+
+
+def rank_device(base: torch.device, env: DistEnv, first_index: int = 0) -> torch.device:
+    """One GPU per rank: local rank r of a job whose GPUs start at `first_index` uses cuda:first+r."""
+    if base.type != "cuda" or (env.world_size == 1 and first_index == 0):
+        return base
+    index = first_index + env.local_rank
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"rank {env.rank} needs cuda:{index} but this node shows {torch.cuda.device_count()} "
+                           "GPUs; lower cluster.parallel_jobs or the ranks per node")
+    return torch.device("cuda", index)
+
+
+def init_process_group(env: DistEnv, device: torch.device) -> None:
+    """NCCL on GPUs, gloo on CPU; nothing to do for one process."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (e.g. the run directory: ranks may resolve `${now:}` a second apart)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def quiet_non_main(env: DistEnv) -> None:
+    """Only rank 0 prints; other ranks keep stderr for warnings and tracebacks."""
+    if not env.is_main:
+        sys.stdout = open(os.devnull, "w")
+
+
+def parallelize(model: nn.Module, mode: str, device: torch.device, env: DistEnv) -> nn.Module:
+    """Apply data parallelism from outside the model (torchtitan's parallelize pattern) and return the
+    module to call for training. `ddp`: a DistributedDataParallel wrapper (the given module keeps
+    plain parameters). `fsdp`: FSDP2 `fully_shard` on every block, then on the root, in place
+    (parameters become DTensors sharded on dim 0; build the optimizer afterwards)."""
+    if env.world_size == 1:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # MoE layers may leave an expert without tokens on a rank: its weights get no gradient there
+        unused = any(getattr(m, "n_experts", 0) for m in model.modules())
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   find_unused_parameters=bool(unused))
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (env.world_size,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    raise ValueError(f"train.parallel: expected ddp | fsdp, got {mode!r}")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state as whole tensors. FSDP2: every rank takes part, rank 0 receives full
+    CPU tensors (optimizer keyed by parameter name); otherwise the plain state dicts."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Inverse of `full_state`; under FSDP2 each rank keeps its shard of the full tensors."""
+    if not is_sharded(model):
+        model.load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar over ranks (for logging; gloo has no AVG, so SUM / world)."""
+    if not dist.is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / dist.get_world_size()
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def cluster_env(env: DistEnv | None = None) -> dict[str, Any]:
+    """What run_info.json records about where the job ran: launcher, ranks, SLURM ids, log files."""
+    env = env or DistEnv()
+    info: dict[str, Any] = {"launcher": env.launcher, "world_size": env.world_size, "host": socket.gethostname()}
+    info.update({k: os.environ[k] for k in _SLURM_RECORD if k in os.environ})
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        try:
+            import submitit
+
+            paths = submitit.JobEnvironment().paths
+            info.update(submitit_job_id=submitit.JobEnvironment().job_id, log_stdout=str(paths.stdout),
+                        log_stderr=str(paths.stderr))
+        except Exception as err:  # noqa: BLE001 - a record must never stop a run
+            info["submitit_error"] = repr(err)
+    return info
+
+
+class NullLogger:
+    """Stands in for MetricsLogger on ranks > 0: only rank 0 logs and writes."""
+
+    wandb_id = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[str]) -> None:
+        pass
+
+    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        pass
+
+
+class Preemption:
+    """USR2 and SIGTERM set a flag (nothing else happens inside the handler); `requested()` after each
+    step tells every rank whether any rank got one, so all ranks stop at the same step."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self, device: torch.device):
+        self.device, self.signum = device, 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "Preemption":
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+
+    def requested(self) -> bool:
+        if not dist.is_initialized():
+            return self.signum != 0
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the signal may reach the ranks a step apart
+        self.signum = int(flag.item())
+        return self.signum != 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+def _slurm_job_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def requeue_or_stop(env: DistEnv, max_requeues: int, signum: int) -> tuple[str, int]:
+    """After the preemption checkpoint: requeue the job if a scheduler can, and say how to exit.
+
+    Returns (what happened, exit code). SLURM: rank 0 runs `scontrol requeue` while the job is still
+    RUNNING (a cancelled job is COMPLETING and stays cancelled) and at most `max_requeues` times.
+    submitit's local executor restarts a job whose tasks exit with code 144. Elsewhere: just stop.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        return "requeued", SUBMITIT_LOCAL_REQUEUE_CODE
+    job_id = os.environ.get("SLURM_JOB_ID")
+    outcome = "stopped"
+    if job_id and env.is_main:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        state = _slurm_job_state(job_id)
+        if restarts >= max_requeues:
+            print(f"not requeuing job {job_id}: requeued {restarts} times already (cluster.max_requeues)",
+                  file=sys.stderr)
+        elif state != "RUNNING":
+            print(f"not requeuing job {job_id}: its state is {state or 'unknown'} (cancelled or ending)",
+                  file=sys.stderr)
+        else:
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+            outcome = "requeued"
+    outcome = broadcast_object(outcome)
+    # 0 after a requeue: the run goes on (SLURM marks the attempt REQUEUED); else the shell's 128 + signal
+    return outcome, 0 if outcome == "requeued" else 128 + signum
