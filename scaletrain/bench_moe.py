@@ -3,6 +3,11 @@
 Run `python -m scaletrain.bench_moe` (defaults: 8 experts, d_model 512, expert hidden 2048, top-2,
 4096 tokens, fp32 and bf16 autocast, eager). `--compile` adds torch.compile'd rows. Not here: tests
 (tests/test_moe.py checks that both paths agree).
+
+Reading the numbers: torch's CPU grouped_mm runs one GEMM per group, so on CPU the two paths do the
+same GEMMs (~80% of the time) and land within about 10% of each other; the grouped path's gains are
+on GPUs (one kernel per projection, no host sync, no graph breaks under torch.compile). CPUs without
+native bf16 instructions (AVX2-only) run bf16 matmuls ~30x slower than fp32 in both paths.
 """
 
 from __future__ import annotations

@@ -188,10 +188,11 @@ class TrainConfig:
     name: str = "default"
     seed: int = 1337
     max_steps: int = 2000
-    batch_size: int = 32  # sequences per micro-batch
+    batch_size: int = 32  # sequences per micro-batch over all ranks (each rank takes batch_size / world_size)
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # 0 disables clipping
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    parallel: str = "ddp"  # with several ranks: ddp | fsdp (FSDP2 fully_shard per block); see distributed.py
     precision: Precision = Precision.fp32  # bf16 = autocast around forward (CUDA and CPU)
     compile: bool = False
     eval_every: int = 200
@@ -358,6 +359,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(c.timeout_min >= 1 and c.max_requeues >= 0 and c.signal_delay_s >= 0, "cluster.timeout_min/max_requeues/"
            "signal_delay_s", "timeout_min >= 1, max_requeues >= 0, signal_delay_s >= 0")
     _check(c.parallel_jobs is None or c.parallel_jobs >= 1, "cluster.parallel_jobs", "must be >= 1 or null (auto)")
+    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", f"expected ddp | fsdp, got {t.parallel!r}")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,9 @@ def detect_env() -> DistEnv:
     if executor in ("slurm", "local"):
         from submitit.helpers import TorchDistributedEnvironment
 
+        if executor == "local":
+            _restore_visible_devices()
+
         # CUDA_VISIBLE_DEVICES is left alone: a local job may own a slice of the GPUs (claim_local_slot)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         return _from_env(f"submitit-{executor}")
@@ -99,6 +103,17 @@ def detect_env() -> DistEnv:
         _export_srun_env()
         return _from_env("srun")
     return DistEnv()
+
+
+def _restore_visible_devices() -> None:
+    """submitit's local executor gives every job CUDA_VISIBLE_DEVICES=0..gpus_per_node-1; put back what the
+    sweep's shell had (saved by scaletrain.run as SCALETRAIN_VISIBLE_DEVICES) so that each job can take
+    its own slice (claim_local_slot). Must run before anything initializes CUDA."""
+    saved = os.environ.get("SCALETRAIN_VISIBLE_DEVICES")
+    if saved == "all":
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    elif saved is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def in_cluster_job() -> bool:
@@ -121,12 +136,12 @@ def claim_local_slot(env: DistEnv, job_num: int, n_slots: int, lock_dir: Path) -
     return slot * env.local_world_size
 
 
-def local_slots(parallel_jobs: int | None, ranks_per_job: int) -> int:
+def local_slots(parallel_jobs: int | None, ranks_per_job: int, device: torch.device) -> int:
     """How many jobs of a submitit_local sweep run at once: as set, else one per `ranks_per_job` GPUs
     (all GPUs busy), else (CPU) one at a time."""
     if parallel_jobs:
         return parallel_jobs
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return max(1, torch.cuda.device_count() // ranks_per_job)
     return 1
 
@@ -140,6 +155,25 @@ def rank_device(base: torch.device, env: DistEnv, first_index: int = 0) -> torch
         raise RuntimeError(f"rank {env.rank} needs cuda:{index} but this node shows {torch.cuda.device_count()} "
                            "GPUs; lower cluster.parallel_jobs or the ranks per node")
     return torch.device("cuda", index)
+
+
+def _hydra_job_num() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.num) if HydraConfig.initialized() else 0
+
+
+def setup_rank(env: DistEnv, base: torch.device, run_dir: Path, parallel_jobs: int | None) -> tuple[torch.device, Path]:
+    """What a rank does before building anything: wait for its GPU slot (submitit_local sweeps), pick its
+    device, join the process group, go quiet unless rank 0. Returns (device, rank 0's run directory)."""
+    first = 0
+    if env.launcher == "submitit-local":
+        slots = local_slots(parallel_jobs, env.local_world_size, base)
+        first = claim_local_slot(env, _hydra_job_num(), slots, Path(run_dir).parent / ".slots")
+    device = rank_device(base, env, first)
+    init_process_group(env, device)
+    quiet_non_main(env)
+    return device, Path(broadcast_object(str(run_dir)))
 
 
 def init_process_group(env: DistEnv, device: torch.device) -> None:
@@ -262,18 +296,21 @@ def cluster_env(env: DistEnv | None = None) -> dict[str, Any]:
 
 
 class NullLogger:
-    """Stands in for MetricsLogger on ranks > 0: only rank 0 logs and writes."""
+    """Stands in for MetricsLogger on ranks > 0 (only rank 0 logs and writes): every method does nothing."""
 
     wandb_id = None
 
-    def log(self, step: int, metrics: dict) -> None:
-        pass
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
-    def log_samples(self, step: int, samples: list[str]) -> None:
-        pass
 
-    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
-        pass
+class Preempted(Exception):
+    """Raised by the trainer after the preemption checkpoint: `outcome` is requeued | stopped, and the
+    process should exit with `exit_code` (no result: submitit's client waits for the requeued run)."""
+
+    def __init__(self, outcome: str, exit_code: int, signal_name: str):
+        super().__init__(f"{signal_name}: checkpoint saved, job {outcome}")
+        self.outcome, self.exit_code = outcome, exit_code
 
 
 class Preemption:
@@ -287,6 +324,8 @@ class Preemption:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "Preemption":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python takes signal handlers in the main thread only; leave the signals alone
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self

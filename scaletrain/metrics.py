@@ -49,20 +49,30 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Median FLOP/s of an n^3 matmul on `device`: the achievable limit MFU is measured against on CPU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[1:])
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an n^3 matmul on `device`: the achievable limit MFU is measured against on CPU.
+
+    n doubles from 256 up to `max_n` while one matmul takes under 50 ms, so a dtype without a fast path
+    (bf16 on CPUs lacking AVX512-BF16: ~0.2 GFLOP/s) is measured in about a second, not minutes."""
+
+    def run(n: int, times: int) -> list[float]:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = []
+        for _ in range(times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    n = 256
+    while n < max_n and min(run(n, 2)) < 0.05:
+        n *= 2
+    times = sorted(run(n, reps + 1)[1:])
     return 2 * n**3 / times[len(times) // 2]
 
 
@@ -103,10 +113,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_run_record(run_dir: Path, config: dict, device: torch.device) -> dict[str, Any]:
-    """Write run_info.json (git SHA, versions, hardware) and config.json (resolved config)."""
+def write_run_record(run_dir: Path, config: dict, device: torch.device,
+                     cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write run_info.json (git SHA, versions, hardware, where the job ran: launcher, ranks, SLURM job
+    ids, log files; see distributed.cluster_env) and config.json (resolved config)."""
     record = {"git_sha": git_sha(), "versions": versions(), "hardware": hardware_info(device),
-              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "cluster": cluster or {}, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "run_info.json").write_text(json.dumps(record, indent=2))
     return record
@@ -126,6 +138,23 @@ def write_status(run_dir: Path, state: str, step: int, error: BaseException | No
     os.replace(tmp, path)
 
 
+def default_group(config: dict, run_dir: Path) -> str | None:
+    """W&B group of a run with an experiment recipe: `<experiment>-<sweep id>`, where the sweep id is the
+    name of the sweep folder (`multirun/<date>/<time>/<job>` -> `<date>_<time>`), so the jobs of one sweep
+    share a group and reruns of the same recipe do not mix with it."""
+    experiment = config.get("experiment")
+    if not experiment:
+        return None
+    sweep = Path(run_dir).resolve().parent
+    return f"{experiment}-{sweep.parent.name}_{sweep.name}"
+
+
+def config_tags(config: dict) -> list[str]:
+    """Tags that make runs filterable by the main axes of an ablation."""
+    keys = (("model", "name"), ("moe", "name"), ("optim", "name"), ("data", "name"))
+    return [f"{group}={config[group][key]}" for group, key in keys if group in config]
+
+
 class MetricsLogger:
     """metrics.jsonl + W&B. Only the rank that owns logging constructs one."""
 
@@ -140,9 +169,9 @@ class MetricsLogger:
                 mode=str(wandb_cfg.mode),
                 project=wandb_cfg.project,
                 entity=wandb_cfg.entity,
-                group=wandb_cfg.group,
+                group=wandb_cfg.group or default_group(config, self.run_dir),
                 job_type=wandb_cfg.job_type,
-                tags=list(wandb_cfg.tags),
+                tags=[*wandb_cfg.tags, *config_tags(config)],
                 name=wandb_cfg.name or run_name,
                 dir=str(wandb_cfg.dir or self.run_dir),
                 config=config,

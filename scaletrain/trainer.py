@@ -5,6 +5,12 @@ step with gradient accumulation / clipping / bf16 autocast / optional torch.comp
 (loss and bits per byte), sampling, checkpoint-resume and the final `summary.json`. Not here: model
 code, data pipeline, metric sinks (see `model.py`, `data.py`, `metrics.py`).
 
+Distributed (see `distributed.py`): every rank runs this loop on its shard of each global batch
+(`train.batch_size` is global: each rank takes batch_size / world_size sequences), every rank
+evaluates and samples (FSDP2 needs every rank in each forward), rank 0 alone prints and writes. After
+each step the loop asks whether SLURM's warning signal (USR2) or SIGTERM arrived on any rank; if so it
+checkpoints, requeues the job and exits; the requeued job resumes from that checkpoint.
+
 Host-device syncs (`.item()`) happen only on logging, eval and checkpoint steps.
 """
 
@@ -22,10 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from scaletrain import checkpoint as ckpt
+from scaletrain import distributed
 from scaletrain.config import Precision, to_container, validate
 from scaletrain.data import BatchLoader, PreparedData, eval_batches, prepare_data
 from scaletrain.metrics import MetricsLogger, gpu_peak_flops, measure_matmul_peak, write_run_record, write_status
@@ -80,19 +88,22 @@ def peak_flops(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tup
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: PreparedData, cfg: DictConfig, device: torch.device, autocast) -> dict:
-    """Mean next-token loss over a fixed set of validation windows, and their exact bits per byte."""
+def evaluate(model: torch.nn.Module, data: PreparedData, cfg: DictConfig, device: torch.device, autocast,
+             world_size: int = 1) -> dict:
+    """Mean next-token loss over a fixed set of validation windows, and their exact bits per byte.
+    With several ranks each one evaluates the same windows in per-rank micro-batches (same result)."""
     model.eval()
     nats, n_tokens, n_bytes = torch.zeros((), device=device), 0, 0
     token_bytes = data.tokenizer.token_bytes()  # UTF-8 bytes each id stands for (eot: 0)
-    for x, y in eval_batches(data.val.tokens, cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches):
+    t = cfg.train
+    for x, y in eval_batches(data.val.tokens, t.batch_size // world_size, cfg.data.seq_len,
+                             t.eval_batches * world_size):
         n_tokens += y.numel()
         n_bytes += int(token_bytes[y.numpy()].sum())
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x)
         nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-    model.train()
     total = nats.item()
     # bpb: total nats of the predicted tokens -> bits, divided by the UTF-8 bytes those tokens encode.
     return {"val/loss": total / n_tokens, "val/bpb": total / math.log(2) / n_bytes}
@@ -160,16 +171,19 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: floa
 
 
 class Trainer:
-    """Owns the components of one run; `fit()` is the loop. Rank 0 only for now (see distributed issue)."""
+    """Owns the components of one run on one rank; `fit()` is the loop."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, run_name: str = "run"):
         validate(cfg)
         self.t_start = time.perf_counter()
         self.cfg, self.tc, self.run_dir, self.run_name = cfg, cfg.train, Path(run_dir), run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(self.tc.device)
+        self.dist = distributed.detect_env()  # before pick_device: a submitit_local job may re-expose its GPUs
+        self.device, self.run_dir = distributed.setup_rank(self.dist, pick_device(self.tc.device), self.run_dir,
+                                                           cfg.cluster.parallel_jobs)
         seed_everything(self.tc.seed)
-        write_run_record(self.run_dir, to_container(cfg), self.device)
+        if self.dist.is_main:
+            write_run_record(self.run_dir, to_container(cfg), self.device, distributed.cluster_env(self.dist))
 
         self.data = prepare_data(cfg.data)
         self.model = build_model(cfg, self.data).to(self.device)
@@ -177,17 +191,24 @@ class Trainer:
         c = self.counts
         print(f"model {cfg.model.name}: {c['total'] / 1e6:.2f}M parameters ({c['embedding'] / 1e6:.2f}M embedding, "
               f"{c['non_embedding'] / 1e6:.2f}M non-embedding, {c['active'] / 1e6:.2f}M active per token)")
+        # DDP wraps (self.model keeps plain parameters); FSDP2 shards self.model in place, so the
+        # optimizer is built afterwards, on the sharded parameters
+        self.dp_model = distributed.parallelize(self.model, self.tc.parallel, self.device, self.dist)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         if cfg.optim.name == "muon":  # the audit trail of which optimizer updates which parameter
             print(format_param_split(self.model))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.tc.max_steps)
-        self.loader = BatchLoader(self.data.train.tokens, self.tc.batch_size, cfg.data.seq_len, seed=self.tc.seed)
+        self.loader = self.build_loader()
         self.step, self.tokens_seen, self.elapsed_before, wandb_id = 0, 0, 0.0, None
-        resume_from = ckpt.resolve_resume(self.tc.resume, self.run_dir)
+        # A cluster job's run directory belongs to one sweep point: a checkpoint there comes from an
+        # earlier attempt of this job (preempted and requeued), so continue from it
+        resume = "auto" if self.tc.resume == "none" and distributed.in_cluster_job() else self.tc.resume
+        resume_from = ckpt.resolve_resume(resume, self.run_dir)
         if resume_from is not None:
             wandb_id = self.restore(resume_from)
 
-        self.logger = MetricsLogger(self.run_dir, cfg.logging.wandb, to_container(cfg), run_name, wandb_id)
+        self.logger = MetricsLogger(self.run_dir, cfg.logging.wandb, to_container(cfg), run_name, wandb_id) \
+            if self.dist.is_main else distributed.NullLogger()
         self.logger.log(self.step, {f"params/{k}": v for k, v in c.items()})
         bf16 = self.tc.precision == Precision.bf16
         if bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
@@ -196,27 +217,37 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
             else contextlib.nullcontext
         self.peak, peak_source = peak_flops(cfg, self.device, torch.bfloat16 if bf16 else torch.float32)
+        self.peak = self.peak * self.dist.world_size if self.peak else None  # tokens/s counts every rank
         print(f"device {self.device}, precision {self.tc.precision}, compile {self.tc.compile}; MFU against "
               f"{'%.1f TFLOP/s' % (self.peak / 1e12) if self.peak else 'nothing'} ({peak_source})")
-        self.fwd = torch.compile(self.model) if self.tc.compile else self.model
+        self.fwd = torch.compile(self.dp_model) if self.tc.compile else self.dp_model
         self.is_moe = bool(moe_layers(self.model))
         if self.is_moe:
             print(f"MoE: {len(moe_layers(self.model))} layers of {cfg.moe.n_experts} experts, top-{cfg.moe.top_k}, "
                   f"{cfg.moe.n_shared} shared; the dispatch path is printed after the first step")
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.preempt = distributed.Preemption(self.device)  # handlers are installed around fit() by train()
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len * self.tc.grad_accum
+
+    def build_loader(self) -> BatchLoader:
+        """This rank's shard of every global batch: batch_size / world_size sequences."""
+        world, bs = self.dist.world_size, self.tc.batch_size
+        if bs % world:
+            raise ValueError(f"train.batch_size={bs} (global) must be divisible by the {world} ranks")
+        return BatchLoader(self.data.train.tokens, bs // world, self.cfg.data.seq_len, seed=self.tc.seed,
+                           rank=self.dist.rank, world_size=world)
 
     def restore(self, path: Path) -> str | None:
         """Load a checkpoint into every component; returns the W&B run id to continue."""
-        state = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.load_checkpoint(path)  # every rank reads the file; FSDP2 ranks keep their shards
+        distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state.get("wallclock_s", 0.0)
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if self.dist.is_main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         print(f"resumed from {path} at step {self.step}")
         return state.get("wandb_id")
 
@@ -224,7 +255,10 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def save(self) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer)  # FSDP2: all ranks gather
+        if not self.dist.is_main:
+            return
+        state = {"model": model_sd, "optimizer": optim_sd,
                  "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "rng": ckpt.rng_state(), "step": self.step, "tokens_seen": self.tokens_seen,
                  "wandb_id": self.logger.wandb_id, "wallclock_s": self.wallclock(), "config": to_container(self.cfg)}
@@ -248,6 +282,9 @@ class Trainer:
     def log_train(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor, steps: int,
                   seconds: float) -> dict:
         tok_s = steps * self.tokens_per_step / seconds
+        loss, aux = distributed.mean_over_ranks(loss), distributed.mean_over_ranks(aux)  # every rank takes part
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         m = {"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
              "train/grad_norm": grad_norm.item(), "train/tokens": self.tokens_seen, "perf/tokens_per_s": tok_s,
              "perf/step_s": seconds / steps, "perf/memory_mb": memory_mb(self.device)}
@@ -258,12 +295,16 @@ class Trainer:
             m.update(scalars, **{"train/aux_loss": aux.item()})
             self.logger.log_histograms(self.step, loads)
         self.logger.log(self.step, m)
-        write_status(self.run_dir, "running", self.step)
+        if self.dist.is_main:
+            write_status(self.run_dir, "running", self.step)
         return m
 
     def eval_and_sample(self) -> dict:
-        val = evaluate(self.model, self.data, self.cfg, self.device, self.autocast)
+        # eval mode for both: dropout off (it would draw from the training RNG stream and break exact
+        # resume), and MoE layers do not count these tokens towards their balancing-bias update
+        val = evaluate(self.model, self.data, self.cfg, self.device, self.autocast, self.dist.world_size)
         texts = sample(self.model, self.data, self.cfg, self.device, self.step)
+        self.model.train()
         self.logger.log(self.step, val)
         self.logger.log_samples(self.step, texts)
         tqdm.write(f"step {self.step}: val loss {val['val/loss']:.4f}, val bpb {val['val/bpb']:.4f}")
@@ -274,7 +315,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         tc, val = self.tc, {}
         self.model.train()
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not tc.progress_bar, dynamic_ncols=True)
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress_bar and self.dist.is_main),
+                   dynamic_ncols=True)
         t_window, steps_in_window = time.perf_counter(), 0
         while self.step < tc.max_steps:
             loss, aux, grad_norm = self.train_step()
@@ -290,12 +332,25 @@ class Trainer:
             if (tc.eval_every and self.step % tc.eval_every == 0) or last:
                 val = self.eval_and_sample()
                 t_window, steps_in_window = time.perf_counter(), 0  # eval time is not training throughput
-            if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last:
+            saved = (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last
+            if saved:
                 self.save()
+            if not last and self.preempt.requested():  # a run that reached max_steps is never requeued
+                self.stop_for_preemption(saved)
         bar.close()
         if not val:  # resumed a run that had already finished: evaluate once more for the summary
             val = self.eval_and_sample()
         return self.finish(val)
+
+    def stop_for_preemption(self, saved: bool) -> None:
+        """SLURM's warning signal (USR2) or SIGTERM reached a rank: checkpoint this step (unless just done),
+        requeue the job (or stop), and leave without a result; the requeued job resumes from here."""
+        if not saved:
+            self.save()
+        # close W&B first: a requeue makes SLURM signal every process of the job, W&B's service included
+        self.logger.finish(exit_code=0)
+        outcome, code = distributed.requeue_or_stop(self.dist, self.cfg.cluster.max_requeues, self.preempt.signum)
+        raise distributed.Preempted(outcome, code, self.preempt.name)
 
     def finish(self, val: dict) -> dict[str, Any]:
         c = self.counts
@@ -304,7 +359,8 @@ class Trainer:
                    "params_embedding": c["embedding"], "params_non_embedding": c["non_embedding"],
                    "flops_per_token": self.flops_per_token, "flops": self.flops_per_token * self.tokens_seen,
                    "wallclock_s": self.wallclock(), "run_name": self.run_name, "wandb_id": self.logger.wandb_id}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.finish(summary)
         print(f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {summary['val_loss']:.4f}, "
               f"val bpb {summary['val_bpb']:.4f}, {summary['wallclock_s']:.1f} s; run dir {self.run_dir}")
@@ -312,19 +368,31 @@ class Trainer:
 
 
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, Any]:
-    """Train per `cfg`, writing records, metrics, checkpoints, status.json and summary.json into `run_dir`."""
+    """Train per `cfg`, writing records, metrics, checkpoints, status.json and summary.json into `run_dir`.
+    A preempted run (USR2 / SIGTERM) exits with SystemExit after its checkpoint (and requeue)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = distributed.detect_env().is_main
     trainer = None
-    write_status(run_dir, "running", 0)
+    if is_main:
+        write_status(run_dir, "running", 0)
     try:
         trainer = Trainer(cfg, run_dir, run_name)
-        summary = trainer.fit()
+        with trainer.preempt:
+            summary = trainer.fit()
+    except distributed.Preempted as err:
+        print(err)
+        if is_main:
+            write_status(run_dir, "requeued" if err.outcome == "requeued" else "interrupted", trainer.step, err)
+        raise SystemExit(err.exit_code) from None  # no result: submitit's client waits for the requeued run
     except BaseException as err:
         state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        write_status(run_dir, state, trainer.step if trainer else 0, err)
+        write_status(run_dir, state, trainer.step if trainer else 0, err)  # any rank: the error is news
         if trainer is not None:
             trainer.logger.finish(exit_code=1)
         raise
-    write_status(run_dir, "finished", summary["step"])
+    finally:
+        distributed.destroy_process_group()
+    if is_main:
+        write_status(run_dir, "finished", summary["step"])
     return summary

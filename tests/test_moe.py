@@ -229,24 +229,24 @@ def test_capacity_keeps_earlier_tokens_when_one_expert_overflows_with_top1():
 
 
 def test_aux_loss_free_bias_moves_a_skewed_router_toward_balance():
-    layer = make(top_k=2, bias_update_rate=0.005, aux_loss_coef=0.0)
+    layer = make(top_k=2, bias_update_rate=0.01, aux_loss_coef=0.0)
     with torch.no_grad():
         layer.w_router_ED.normal_(0.0, 0.3)  # varied preferences across tokens ...
         layer.w_router_ED[0, 0] = 4.0  # ... but dim 0 is 1 for every token: expert 0 is everyone's favourite
-    x = torch.randn(4, 16, 32)
+    x = torch.randn(4, 64, 32)
     x[..., 0] = 1.0
     layer.train()
     skew = []
-    for _ in range(150):
+    for _ in range(80):
         layer(x[:2])
         layer(x[2:])  # two micro-batches per optimizer step: their loads add up
         load_E = layer.load_acc_E.clone()
-        assert load_E.sum().item() == 4 * 16 * 2
+        assert load_E.sum().item() == 4 * 64 * 2
         skew.append((load_E.max() / load_E.mean()).item())
         layer.update_bias()
         assert layer.load_acc_E.sum().item() == 0
-    assert skew[0] > 3.5
-    assert sum(skew[-20:]) / 20 < 1.4
+    assert skew[0] > 3.0
+    assert sum(skew[-20:]) / 20 < 1.5
     assert layer.expert_bias_E[0] < 0 < layer.expert_bias_E[1:].min()
     assert "expert_bias_E" in layer.state_dict() and "load_acc_E" not in layer.state_dict()
 

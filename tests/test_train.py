@@ -45,7 +45,7 @@ def test_tiny_model_overfits_one_batch_to_near_zero_loss():
 def baseline_run(tinystories_dir, data_cache, tmp_path_factory) -> Path:
     """One short tiny run on the TinyStories sample, shared by the assertions below."""
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0}))
+    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0, "model.dropout": 0.1}))
     train(cfg, run_dir, run_name="baseline")
     return run_dir
 
@@ -77,7 +77,7 @@ def test_run_directory_holds_config_records_metrics_and_summary(baseline_run):
 
 
 def test_same_seed_and_config_give_identical_losses(baseline_run, tinystories_dir, data_cache, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40}))
+    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "model.dropout": 0.1}))
     train(cfg, tmp_path, run_name="again")
     assert train_losses(tmp_path) == train_losses(baseline_run)
 
@@ -85,7 +85,7 @@ def test_same_seed_and_config_give_identical_losses(baseline_run, tinystories_di
 def test_interrupted_then_resumed_run_equals_the_uninterrupted_run(
     baseline_run, tinystories_dir, data_cache, tmp_path, monkeypatch
 ):
-    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0})
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0, "model.dropout": 0.1})
     calls = {"n": 0}
     original = data_mod.BatchLoader.next_batch
 
@@ -112,7 +112,7 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_run(
 
 def test_resume_from_an_explicit_checkpoint_path(baseline_run, tinystories_dir, data_cache, tmp_path):
     ckpt = baseline_run / "checkpoints" / "step_0000030.pt"
-    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.resume": str(ckpt)})
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.resume": str(ckpt), "model.dropout": 0.1})
     train(compose_cfg(overrides), tmp_path)
     assert train_losses(tmp_path)[40] == pytest.approx(train_losses(baseline_run)[40], abs=1e-6)
 
