@@ -135,6 +135,11 @@ start_accounting() {
     mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmpw';
                 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
   fi
+  if [ "$1" = fresh ]; then
+    # a new state folder numbers jobs from 1 again: old records with the same ids would answer sacct
+    # (submitit then takes a requeued job for an old cancelled one)
+    mariadb -e "DROP DATABASE IF EXISTS slurm_acct_db;"
+  fi
   if ! running "$BASE/state/slurmdbd.pid"; then
     /usr/sbin/slurmdbd
     wait_for 30 slurmdbd sacctmgr -n list cluster
@@ -148,9 +153,11 @@ up() {
   local t0=$SECONDS
   [ "$(id -u)" = 0 ] || { log "run as root"; exit 1; }
   install_packages
+  local fresh=fresh
+  [ -d "$BASE/state/ctld" ] && fresh=no
   write_slurm_conf
   start_munge
-  start_accounting
+  start_accounting $fresh
   running "$BASE/state/slurmctld.pid" || /usr/sbin/slurmctld
   running "$BASE/state/slurmd.pid" || /usr/sbin/slurmd -N localhost  # node name independent of hostname
   wait_for 30 "node idle" node_idle

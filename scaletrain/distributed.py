@@ -97,11 +97,11 @@ def detect_env() -> DistEnv:
         # CUDA_VISIBLE_DEVICES is left alone: a local job may own a slice of the GPUs (claim_local_slot)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         return _from_env(f"submitit-{executor}")
-    if {"RANK", "WORLD_SIZE"} <= e.keys():
-        return _from_env("env")
     if "SLURM_STEP_ID" in e and int(e.get("SLURM_NTASKS", 1)) > 1:
         _export_srun_env()
         return _from_env("srun")
+    if {"RANK", "WORLD_SIZE"} <= e.keys():
+        return _from_env("env")
     return DistEnv()
 
 
@@ -150,6 +150,8 @@ def rank_device(base: torch.device, env: DistEnv, first_index: int = 0) -> torch
     """One GPU per rank: local rank r of a job whose GPUs start at `first_index` uses cuda:first+r."""
     if base.type != "cuda" or (env.world_size == 1 and first_index == 0):
         return base
+    if torch.cuda.device_count() == 1 and env.local_world_size > 1:
+        return torch.device("cuda", 0)  # the scheduler bound one GPU to each task (e.g. --gpus-per-task=1)
     index = first_index + env.local_rank
     if index >= torch.cuda.device_count():
         raise RuntimeError(f"rank {env.rank} needs cuda:{index} but this node shows {torch.cuda.device_count()} "
@@ -163,7 +165,8 @@ def _hydra_job_num() -> int:
     return int(HydraConfig.get().job.num) if HydraConfig.initialized() else 0
 
 
-def setup_rank(env: DistEnv, base: torch.device, run_dir: Path, parallel_jobs: int | None) -> tuple[torch.device, Path]:
+def setup_rank(env: DistEnv, base: torch.device, run_dir: Path,
+               parallel_jobs: int | None) -> tuple[torch.device, Path]:
     """What a rank does before building anything: wait for its GPU slot (submitit_local sweeps), pick its
     device, join the process group, go quiet unless rank 0. Returns (device, rank 0's run directory)."""
     first = 0
@@ -270,14 +273,6 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / dist.get_world_size()
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def cluster_env(env: DistEnv | None = None) -> dict[str, Any]:
     """What run_info.json records about where the job ran: launcher, ranks, SLURM ids, log files."""
     env = env or DistEnv()
@@ -350,9 +345,23 @@ class Preemption:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
-def _slurm_job_state(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return out.stdout.strip()
+def _requeue_slurm_job(job_id: str, max_requeues: int) -> bool:
+    """`scontrol requeue` this job unless it was cancelled (state COMPLETING, not RUNNING: a requeue would
+    bring it back) or has been requeued `max_requeues` times. Says why not on stderr."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                           timeout=30).stdout.strip()
+    if restarts >= max_requeues:
+        why = f"requeued {restarts} times already (cluster.max_requeues)"
+    elif state != "RUNNING":
+        why = f"its state is {state or 'unknown'} (cancelled or ending)"
+    else:
+        res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if res.returncode == 0:
+            return True
+        why = f"scontrol requeue failed: {res.stderr.strip()}"
+    print(f"not requeuing job {job_id}: {why}", file=sys.stderr)
+    return False
 
 
 def requeue_or_stop(env: DistEnv, max_requeues: int, signum: int) -> tuple[str, int]:
@@ -365,19 +374,7 @@ def requeue_or_stop(env: DistEnv, max_requeues: int, signum: int) -> tuple[str, 
     if os.environ.get("SUBMITIT_EXECUTOR") == "local":
         return "requeued", SUBMITIT_LOCAL_REQUEUE_CODE
     job_id = os.environ.get("SLURM_JOB_ID")
-    outcome = "stopped"
-    if job_id and env.is_main:
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        state = _slurm_job_state(job_id)
-        if restarts >= max_requeues:
-            print(f"not requeuing job {job_id}: requeued {restarts} times already (cluster.max_requeues)",
-                  file=sys.stderr)
-        elif state != "RUNNING":
-            print(f"not requeuing job {job_id}: its state is {state or 'unknown'} (cancelled or ending)",
-                  file=sys.stderr)
-        else:
-            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-            outcome = "requeued"
-    outcome = broadcast_object(outcome)
+    requeued = bool(job_id) and env.is_main and _requeue_slurm_job(job_id, max_requeues)
+    outcome = broadcast_object("requeued" if requeued else "stopped")  # rank 0 decides for the job
     # 0 after a requeue: the run goes on (SLURM marks the attempt REQUEUED); else the shell's 128 + signal
     return outcome, 0 if outcome == "requeued" else 128 + signum

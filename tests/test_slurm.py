@@ -65,7 +65,7 @@ def _sacct_states(job_id: str, timeout_s: float = 60) -> dict[str, str]:
     while True:
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,
                              text=True, timeout=30, check=True).stdout
-        states = dict(line.split("|") for line in out.split())
+        states = dict(line.split("|") for line in out.splitlines())  # "CANCELLED by 0" has spaces
         if time.time() > deadline or not {"PENDING", "RUNNING", "COMPLETING", "REQUEUED"} & set(states.values()):
             return states
         time.sleep(0.5)
@@ -147,6 +147,30 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     attempts = sorted(p.name for p in (job / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(name.endswith(summary["wandb_id"]) for name in attempts)  # one W&B run
     assert _sacct_states(job_id)[job_id] == "COMPLETED"  # not resubmitted once max_steps is reached
+
+
+def test_a_cancelled_job_saves_its_step_and_stays_cancelled(tinystories_dir, data_cache, tmp_path):
+    """scancel sends SIGTERM too; requeueing then would resurrect the job (SLURM allows requeueing a job
+    that is ending), so the trainer only requeues a job that is still RUNNING."""
+    sweep = tmp_path / "sweep"
+    job = sweep / "0"
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 200, "train.log_every": 1,
+                                                             "train.eval_every": 0, "train.ckpt_every": 0})
+    proc = subprocess.Popen(_sweep_cmd("cluster.tasks_per_node=1", *overrides, f"hydra.sweep.dir={sweep}"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _wait_for(lambda: _step(job) >= 3, 300, "step 3 of the job", proc)
+        job_id = json.loads((job / "run_info.json").read_text())["cluster"]["SLURM_JOB_ID"]
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "CANCELLED" in err
+    status = json.loads((job / "status.json").read_text())
+    assert status["state"] == "interrupted" and "SIGTERM" in status["error"]
+    assert (job / "checkpoints" / f"step_{status['step']:07d}.pt").is_file()
+    assert _sacct_states(job_id)[job_id].startswith("CANCELLED")
+    assert "SLURM_RESTART_COUNT" not in json.loads((job / "run_info.json").read_text())["cluster"]
 
 
 def test_a_job_that_raises_is_reported_as_failed_with_its_log_file(tinystories_dir, data_cache, tmp_path):
