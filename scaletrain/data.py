@@ -73,6 +73,7 @@ class Tokenizer:
         if eot_id is None:
             raise DataError(f"tokenizer has no {EOT!r} token")
         self._tok, self.eot_id = inner, eot_id
+        self._token_bytes: np.ndarray | None = None
         self.fingerprint = hashlib.sha256(inner.to_str().encode()).hexdigest()[:16]
 
     @property
@@ -92,11 +93,13 @@ class Tokenizer:
         """Bytes of text each id stands for (0 for `<|endoftext|>`): summed over a window's targets
         it gives that window's exact byte count for bits per byte. Byte-level BPE writes one byte
         as one vocabulary character, so a token's byte count is its length."""
-        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-            lengths[i] = 0 if token in special else len(token)
-        return lengths
+        if self._token_bytes is None:  # computed once: a Python loop over the vocabulary (50K for GPT-2)
+            special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+            lengths = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+                lengths[i] = 0 if token in special else len(token)
+            self._token_bytes = lengths
+        return self._token_bytes
 
     def save(self, path: str | Path) -> None:
         tmp = Path(f"{path}.tmp-{os.getpid()}")

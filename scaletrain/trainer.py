@@ -83,7 +83,7 @@ def peak_flops(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tup
         name = torch.cuda.get_device_name(device)
         return (peak, f"datasheet dense bf16 peak of {name}") if peak else (None, f"no peak known for {name}")
     if device.type == "cpu" and cfg.train.measure_cpu_peak:
-        return measure_matmul_peak(device, dtype), f"measured {dtype} 2048^3 matmul on this CPU"
+        return measure_matmul_peak(device, dtype), f"measured {dtype} matmul on this CPU"
     return None, f"no peak known for {device.type} (set train.matmul_peak_tflops)"
 
 
