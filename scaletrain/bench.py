@@ -1,12 +1,13 @@
-"""Benchmark: `python -m scaletrain.bench [overrides ...] [--variants ...] [--precisions fp32 bf16]`.
+"""Benchmark: `python -m scaletrain.bench [overrides ...] [--variants ...] [--precisions fp32 bf16] [--naive]`.
 
 Composes the same conf/ as `scaletrain.run` (so `model=baseline_10m`, `train.batch_size=16`, ... work),
 then for every (variant, precision) times real training steps of scaletrain's model and optimizer on
 synthetic tokens: after warm-up, the median over steps of tokens/s, FLOP/s, MFU and the step split
-into data, forward+backward and optimizer, plus peak memory. In the same run it measures the device's
-fp32 and bf16 matmul peaks (MFU on CPU is against the measured peak of the step's precision; on GPU
-also against the datasheet dense bf16 peak), the batch loader's own tokens/s, and a plain PyTorch
-implementation of the same shape (`--naive`) as a yardstick. Prints one table, writes JSON.
+into data, forward+backward and optimizer, plus peak memory. It measures the device's fp32 and bf16
+matmul peaks at start, and samples the peak of the row's precision once per round of steps: MFU on CPU
+is against that measured limit (on GPU also against the datasheet dense bf16 peak). With `--naive` a
+plain PyTorch implementation of the same model is timed in the same rounds, step for step, as a
+yardstick. Also: the batch loader's own tokens/s. Prints one table and the ratios, writes JSON.
 
 Not here: training-quality numbers (use `scaletrain.run`), MoE-layer micro-benchmarks (`bench_moe`).
 """
@@ -19,6 +20,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,24 +31,30 @@ from torch import nn
 
 from scaletrain.config import register_configs, validate
 from scaletrain.data import BatchLoader
-from scaletrain.metrics import gpu_peak_flops, hardware_info, measure_matmul_peak, versions
+from scaletrain.metrics import (gpu_peak_flops, hardware_info, matmul_flops, matmul_peak_size, measure_matmul_peak,
+                                versions)
 from scaletrain.model import Transformer
 from scaletrain.optim import build_optimizer, build_scheduler
-from scaletrain.trainer import forward_backward, memory_mb, optimizer_step, pick_device
+from scaletrain.trainer import configure_cpu_malloc, forward_backward, memory_mb, optimizer_step, pick_device
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class NaiveGPT(nn.Module):
-    """The same shape written the plain way (minGPT style): nn.Linear everywhere, attention as an
-    explicit masked softmax(QK^T / sqrt(d)) V, rotate-half RoPE, for-loop AdamW. No tricks."""
+    """The same model written the plain way (minGPT style): nn.Linear everywhere, attention as an
+    explicit masked softmax(QK^T / sqrt(d)) V, rotate-half RoPE, nn.Dropout in the same places as
+    scaletrain's model, for-loop AdamW. No tricks. Same function as `Transformer` up to the order of
+    each head's q/k features (rotate-half pairs feature i with i + K/2, scaletrain pairs 2i with 2i+1)."""
 
-    def __init__(self, vocab: int, d: int, n_layers: int, n_heads: int, d_ff: int, seq_len: int):
+    def __init__(self, vocab: int, d: int, n_layers: int, n_heads: int, d_ff: int, seq_len: int,
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         self.n_heads = n_heads
         self.tok = nn.Embedding(vocab, d)
         self.w_e = nn.Linear(d, d, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.attn_drop = nn.Dropout(attn_dropout)
         self.layers = nn.ModuleList(nn.ModuleDict({
             "ln1": nn.LayerNorm(d, bias=False), "q": nn.Linear(d, d, bias=False), "k": nn.Linear(d, d, bias=False),
             "v": nn.Linear(d, d, bias=False), "o": nn.Linear(d, d, bias=False), "ln2": nn.LayerNorm(d, bias=False),
@@ -67,14 +75,14 @@ class NaiveGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
-        x = self.w_e(self.tok(idx))
+        x = self.drop(self.w_e(self.tok(idx)))
         for L in self.layers:
             h = L["ln1"](x)
             q, k, v = (L[n](h).view(B, T, self.n_heads, -1).transpose(1, 2) for n in "qkv")
             att = self._rope(q) @ self._rope(k).transpose(-2, -1) / math.sqrt(q.shape[-1])
-            att = att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(-1)
-            x = x + L["o"]((att @ v).transpose(1, 2).reshape(B, T, -1))
-            x = x + L["fc2"](F.relu(L["fc1"](L["ln2"](x))))
+            att = self.attn_drop(att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(-1))
+            x = x + self.drop(L["o"]((att @ v).transpose(1, 2).reshape(B, T, -1)))
+            x = x + self.drop(L["fc2"](F.relu(L["fc1"](L["ln2"](x)))))
         return self.w_ue(self.ln_f(x))
 
 
@@ -83,33 +91,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, optimizer, scheduler, loader, device, autocast, cfg, steps: int, warmup: int) -> dict:
-    """Median seconds per phase over `steps` timed optimizer steps (after `warmup` untimed ones)."""
-    phases: dict[str, list[float]] = {"data": [], "fwd_bwd": [], "optim": []}
-    fwd = torch.compile(model) if cfg.train.compile else model
+@dataclass
+class Contender:
+    """One implementation under test: its model, optimizer and loader, and the phase times of its steps."""
+
+    impl: str
+    model: nn.Module
+    fwd: nn.Module  # what forward runs through (compiled when train.compile; never for the naive one)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: BatchLoader
+    flops_per_token: float
+    phases: dict[str, list[float]] = field(default_factory=lambda: {"data": [], "fwd_bwd": [], "optim": []})
+
+
+def build_contender(cfg, impl: str, device: torch.device, tokens: np.ndarray) -> Contender:
+    torch.manual_seed(0)
+    T, B, m = cfg.data.seq_len, cfg.train.batch_size, cfg.model
+    vocab = m.vocab_size or cfg.data.tokenizer.vocab_size
+    ours = Transformer(m, vocab, T, cfg.moe)
+    flops_per_token = ours.flops_per_token(T)  # the naive model has the same shape, so the same count
+    if impl == "naive":
+        model = NaiveGPT(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, T, m.dropout, m.attn_dropout).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+        fwd = model
+    else:
+        model = ours.to(device)
+        optimizer = build_optimizer(model, cfg.optim, device.type)
+        fwd = torch.compile(model) if cfg.train.compile else model
+    scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
+    return Contender(impl, model, fwd, optimizer, scheduler, BatchLoader(tokens, B, T, seed=0), flops_per_token)
+
+
+def time_step(c: Contender, device: torch.device, autocast, cfg) -> dict[str, float]:
+    """Seconds per phase of one optimizer step (grad_accum micro-batches, then the optimizer)."""
+    t = {"data": 0.0, "fwd_bwd": 0.0}
     accum = cfg.train.grad_accum
-    for i in range(warmup + steps):
-        t = {"data": 0.0, "fwd_bwd": 0.0}
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            x, y = loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _sync(device)
-            t1 = time.perf_counter()
-            forward_backward(fwd, model, x, y, autocast, 1.0 / accum)
-            _sync(device)
-            t["data"] += t1 - t0
-            t["fwd_bwd"] += time.perf_counter() - t1
+    for _ in range(accum):
         t0 = time.perf_counter()
-        optimizer_step(model, optimizer, scheduler, cfg.train.grad_clip)
+        x, y = c.loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _sync(device)
-        t["optim"] = time.perf_counter() - t0
-        if i >= warmup:
-            for k, v in t.items():
-                phases[k].append(v)
-    med = {k: statistics.median(v) for k, v in phases.items()}
-    med["step"] = sum(med.values())
-    return med
+        t1 = time.perf_counter()
+        forward_backward(c.fwd, c.model, x, y, autocast, 1.0 / accum)
+        _sync(device)
+        t["data"] += t1 - t0
+        t["fwd_bwd"] += time.perf_counter() - t1
+    t0 = time.perf_counter()
+    optimizer_step(c.model, c.optimizer, c.scheduler, cfg.train.grad_clip)
+    _sync(device)
+    t["optim"] = time.perf_counter() - t0
+    return t
 
 
 def loader_tokens_per_s(tokens: np.ndarray, batch: int, seq_len: int, n: int = 50) -> float:
@@ -120,52 +152,87 @@ def loader_tokens_per_s(tokens: np.ndarray, batch: int, seq_len: int, n: int = 5
     return n * batch * seq_len / (time.perf_counter() - t0)
 
 
-def bench_one(cfg, precision: str, device: torch.device, peaks: dict, args, naive: bool) -> dict:
-    torch.manual_seed(0)
+def check_naive_supports(cfg) -> None:
+    """The yardstick is written for the seed baseline's layer types only; anything else would time a
+    different model, so say which key differs instead."""
+    m, want = cfg.model, {"norm": "layernorm", "activation": "relu", "bias": False, "qk_norm": False,
+                          "tie_embeddings": False, "rope_theta": 10000.0}
+    bad = [f"model.{k}={getattr(m, k)} (naive has {v})" for k, v in want.items() if getattr(m, k) != v]
+    if m.n_embed not in (None, m.d_model):
+        bad.append(f"model.n_embed={m.n_embed} (naive has d_model)")
+    if cfg.moe.n_experts:
+        bad.append(f"moe={cfg.moe.name} (naive is dense)")
+    if bad:
+        raise SystemExit("--naive times the seed baseline's layer types only; this config has " + ", ".join(bad))
+
+
+def bench_config(cfg, precision: str, device: torch.device, peak_n: int, args) -> list[dict]:
+    """Rows for scaletrain (and the naive yardstick with --naive) at one precision. Their steps are
+    interleaved, with one peak matmul before each round: a machine whose speed drifts (shared or
+    throttled) slows every contender and the peak alike, so ratios and MFU stay comparable."""
     T, B = cfg.data.seq_len, cfg.train.batch_size
     vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
-    m = cfg.model
-    if naive:
-        model = NaiveGPT(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, T).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-        flops_per_token = Transformer(m, vocab, T, cfg.moe).flops_per_token(T)  # same shape, same count
-    else:
-        model = Transformer(m, vocab, T, cfg.moe).to(device)
-        optimizer = build_optimizer(model, cfg.optim, device.type)
-        flops_per_token = model.flops_per_token(T)
-    scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
     tokens = np.random.default_rng(0).integers(0, vocab, size=max(10 * B * (T + 1), 2_000_000), dtype=np.int64)
     tokens = tokens.astype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    loader = BatchLoader(tokens, B, T, seed=0)
+    contenders = [build_contender(cfg, impl, device, tokens) for impl in ("scaletrain", "naive")[: 1 + args.naive]]
     bf16 = precision == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    med = time_steps(model, optimizer, scheduler, loader, device, autocast, cfg, args.steps, args.warmup)
-    tok_s = B * T * cfg.train.grad_accum / med["step"]
-    row = {"config": args.label, "impl": "naive" if naive else "scaletrain", "precision": precision,
-           "params_total": sum(p.numel() for p in model.parameters()), "tokens_per_s": tok_s,
-           "flops_per_token": flops_per_token, "tflops": flops_per_token * tok_s / 1e12,
-           "mfu_measured": flops_per_token * tok_s / peaks[precision],
-           "step_ms": 1e3 * med["step"], "data_ms": 1e3 * med["data"], "fwd_bwd_ms": 1e3 * med["fwd_bwd"],
-           "optim_ms": 1e3 * med["optim"], "peak_mem_mb": memory_mb(device),
-           "loader_tokens_per_s": loader_tokens_per_s(tokens, B, T)}
-    if peaks.get("datasheet"):
-        row["mfu_datasheet"] = flops_per_token * tok_s / peaks["datasheet"]
-    return row
+    for _ in range(args.warmup):
+        for c in contenders:
+            time_step(c, device, autocast, cfg)
+    peak_samples: list[float] = []
+    for _ in range(args.steps):
+        peak_samples += matmul_flops(device, DTYPES[precision], peak_n, 1)
+        for c in contenders:
+            for k, v in time_step(c, device, autocast, cfg).items():
+                c.phases[k].append(v)
+    peak = statistics.median(peak_samples)
+    datasheet = gpu_peak_flops(device) if device.type == "cuda" else None
+    loader_speed = loader_tokens_per_s(tokens, B, T)
+    rows = []
+    for c in contenders:
+        med = {k: statistics.median(v) for k, v in c.phases.items()}
+        step = sum(med.values())
+        tok_s = B * T * cfg.train.grad_accum / step
+        row = {"config": args.label, "impl": c.impl, "precision": precision,
+               "params_total": sum(p.numel() for p in c.model.parameters()), "tokens_per_s": tok_s,
+               "flops_per_token": c.flops_per_token, "tflops": c.flops_per_token * tok_s / 1e12,
+               "peak_flops": peak, "mfu_measured": c.flops_per_token * tok_s / peak,
+               "step_ms": 1e3 * step, "data_ms": 1e3 * med["data"], "fwd_bwd_ms": 1e3 * med["fwd_bwd"],
+               "optim_ms": 1e3 * med["optim"], "peak_mem_mb": memory_mb(device),
+               "loader_tokens_per_s": loader_speed, "steps": args.steps,
+               "compile": cfg.train.compile and c.impl == "scaletrain",
+               "cpu_malloc_cache": device.type == "cpu" and cfg.train.cpu_malloc_cache}
+        if datasheet:
+            row["mfu_datasheet"] = c.flops_per_token * tok_s / datasheet
+        rows.append(row)
+    return rows
 
 
-def format_table(rows: list[dict], peaks: dict) -> str:
-    head = (f"{'config':<28} {'impl':<10} {'prec':<5} {'params':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
-            f"{'step ms':>8} {'data':>6} {'fwd+bwd':>8} {'optim':>7} {'mem MB':>7} {'loader x':>8}")
-    measured = ", ".join(f"{k} {v / 1e12:.4f}" for k, v in peaks.items() if k in DTYPES)
-    datasheet = f", datasheet dense bf16 {peaks['datasheet'] / 1e12:.0f}" if peaks.get("datasheet") else ""
-    lines = [f"measured matmul peak (TFLOP/s): {measured}{datasheet}", head]
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'config':<28} {'impl':<10} {'prec':<5} {'params':>8} {'tok/s':>9} {'TFLOP/s':>8} {'peak':>7} "
+            f"{'MFU':>6} {'step ms':>8} {'data':>6} {'fwd+bwd':>8} {'optim':>7} {'mem MB':>7} {'loader x':>8}")
+    lines = [head]
     for r in rows:
         lines.append(
             f"{r['config']:<28} {r['impl']:<10} {r['precision']:<5} {r['params_total'] / 1e6:>7.2f}M "
-            f"{r['tokens_per_s']:>9.0f} {r['tflops']:>8.3f} {100 * r['mfu_measured']:>5.1f}% {r['step_ms']:>8.1f} "
-            f"{r['data_ms']:>6.2f} {r['fwd_bwd_ms']:>8.1f} {r['optim_ms']:>7.1f} {r['peak_mem_mb']:>7.0f} "
-            f"{r['loader_tokens_per_s'] / r['tokens_per_s']:>7.0f}x")
+            f"{r['tokens_per_s']:>9.0f} {r['tflops']:>8.3f} {r['peak_flops'] / 1e12:>7.3f} "
+            f"{100 * r['mfu_measured']:>5.1f}% {r['step_ms']:>8.1f} {r['data_ms']:>6.2f} {r['fwd_bwd_ms']:>8.1f} "
+            f"{r['optim_ms']:>7.1f} {r['peak_mem_mb']:>7.0f} {r['loader_tokens_per_s'] / r['tokens_per_s']:>7.0f}x"
+            + (f"  (datasheet MFU {100 * r['mfu_datasheet']:.1f}%)" if "mfu_datasheet" in r else ""))
     return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """The comparisons the targets are about: scaletrain / naive and bf16 / fp32 tokens/s, per config."""
+    by = {(r["config"], r["impl"], r["precision"]): r["tokens_per_s"] for r in rows}
+    out = []
+    for (config, impl, prec), tok_s in by.items():
+        if impl == "scaletrain" and (config, "naive", prec) in by:
+            out.append(f"{config} {prec}: scaletrain / naive tokens/s = {tok_s / by[config, 'naive', prec]:.2f}x")
+        if impl == "scaletrain" and prec == "bf16" and (config, impl, "fp32") in by:
+            out.append(f"{config}: bf16 / fp32 tokens/s = {tok_s / by[config, impl, 'fp32']:.2f}x")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,24 +251,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     register_configs()
-    rows, peaks = [], {}
+    rows, sizes, device_peaks = [], {}, {}
     for variant in args.variants:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[*args.overrides, *variant.split()])
         validate(cfg)
         device = pick_device(cfg.train.device)
-        if not peaks:
-            peaks = {k: measure_matmul_peak(device, DTYPES[k]) for k in sorted({"fp32", *args.precisions})}
-            peaks["datasheet"] = gpu_peak_flops(device) if device.type == "cuda" else None
+        if args.naive:
+            check_naive_supports(cfg)
+        if not device_peaks:
+            device_peaks = {k: measure_matmul_peak(device, dtype) for k, dtype in DTYPES.items()}
+            print("device matmul peak (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.4f}" for k, v in device_peaks.items())
+                  + (f"; datasheet dense bf16 {gpu_peak_flops(device) / 1e12:.0f}" if device.type == "cuda" else ""))
+        if device.type == "cpu":  # as the trainer does; a variant may switch it off
+            print(configure_cpu_malloc(cfg.train.cpu_malloc_cache))
         args.label = variant or " ".join(o for o in args.overrides if o.startswith("model=")) or cfg.model.name
         for precision in args.precisions:
-            rows.append(bench_one(cfg, precision, device, peaks, args, naive=False))
-            if args.naive:
-                rows.append(bench_one(cfg, precision, device, peaks, args, naive=True))
-            print(format_table(rows[-1 - args.naive:], peaks).splitlines()[-1], flush=True)
-    print(format_table(rows, peaks))
+            if precision not in sizes:  # the matmul size for the peak samples, once per precision
+                sizes[precision] = matmul_peak_size(device, DTYPES[precision])
+            new = bench_config(cfg, precision, device, sizes[precision], args)
+            rows += new
+            print("\n".join(format_table(new).splitlines()[1:]), flush=True)
+    print(format_table(rows))
+    print("\n".join(ratios(rows)))
     record = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "hardware": hardware_info(device),
-              "peaks": peaks, "rows": rows}
+              "device_peaks": device_peaks, "matmul_peak_n": sizes, "rows": rows, "ratios": ratios(rows)}
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
     return rows

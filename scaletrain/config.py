@@ -75,7 +75,10 @@ class ModelConfig:
     activation: Activation = Activation.relu
     bias: bool = False
     tie_embeddings: bool = False  # tie W_ue to the token embedding (requires n_embed == d_model)
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the embedding output, the attention output and the MLP output
+    # On the attention probabilities (HF's attn_pdrop). Off by default, as in Llama/OLMo: SDPA's CPU flash
+    # kernel has no dropout, so any p > 0 takes the math path (2x slower attention, T x T memory on CPU).
+    attn_dropout: float = 0.0
     qk_norm: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -209,6 +212,7 @@ class TrainConfig:
     sample_top_k: int = 50
     matmul_peak_tflops: Optional[float] = None  # override the peak used for MFU
     measure_cpu_peak: bool = True  # on CPU, time a matmul at start-up to get a peak for MFU
+    cpu_malloc_cache: bool = True  # on CPU, glibc malloc keeps freed memory (see trainer.configure_cpu_malloc)
 
 
 @dataclass
@@ -297,6 +301,7 @@ def validate(cfg: DictConfig | Config) -> None:
             f"tying needs n_embed == d_model (got n_embed={m.n_embed}, d_model={m.d_model})",
         )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(0.0 <= m.attn_dropout < 1.0, "model.attn_dropout", f"must be in [0, 1), got {m.attn_dropout}")
     _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
     e = cfg.moe
     _check(e.n_experts >= 0, "moe.n_experts", f"must be >= 0 (0 = dense MLPs), got {e.n_experts}")

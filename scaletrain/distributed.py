@@ -27,6 +27,8 @@ Not here: the training loop (trainer.py), checkpoint files (checkpoint.py), laun
 
 from __future__ import annotations
 
+import contextlib
+
 import fcntl
 import os
 import signal
@@ -234,6 +236,17 @@ def parallelize(model: nn.Module, mode: str, device: torch.device, env: DistEnv)
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"train.parallel: expected ddp | fsdp, got {mode!r}")
+
+
+def grad_sync(dp_model: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+    """Around one micro-batch's forward+backward: DDP all-reduces gradients only on the last micro-batch
+    of an optimizer step (`no_sync` on the others, as nanoGPT/torchtitan do). FSDP2 reduce-scatters on
+    every micro-batch: skipping it would keep unsharded gradients, the memory FSDP exists to save."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(dp_model, DDP) and not last_micro_batch:
+        return dp_model.no_sync()
+    return contextlib.nullcontext()
 
 
 def is_sharded(model: nn.Module) -> bool:

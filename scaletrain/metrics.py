@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import time
 import traceback
@@ -49,31 +50,36 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int = 2048, reps: int = 5) -> float:
-    """Median FLOP/s of an n^3 matmul on `device`: the achievable limit MFU is measured against on CPU.
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, times: int) -> list[float]:
+    """FLOP/s of `times` n^3 matmuls on `device`, one figure per matmul."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = []
+    for _ in range(times):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append(2 * n**3 / (time.perf_counter() - t0))
+    return out
 
-    n doubles from 256 up to `max_n` while one matmul takes under 50 ms, so a dtype without a fast path
+
+def matmul_peak_size(device: torch.device, dtype: torch.dtype, max_n: int = 2048) -> int:
+    """n doubles from 256 up to `max_n` while one matmul takes under 50 ms, so a dtype without a fast path
     (bf16 on CPUs lacking AVX512-BF16: ~0.2 GFLOP/s) is measured in about a second, not minutes."""
-
-    def run(n: int, times: int) -> list[float]:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        out = []
-        for _ in range(times):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out.append(time.perf_counter() - t0)
-        return out
-
     n = 256
-    while n < max_n and min(run(n, 2)) < 0.05:
+    while n < max_n and 2 * n**3 / max(matmul_flops(device, dtype, n, 2)) < 0.05:
         n *= 2
-    times = sorted(run(n, reps + 1)[1:])
-    return 2 * n**3 / times[len(times) // 2]
+    return n
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an n^3 matmul on `device` (n from `matmul_peak_size`, first run discarded): the
+    achievable limit MFU is measured against on CPU."""
+    n = matmul_peak_size(device, dtype, max_n)
+    return statistics.median(matmul_flops(device, dtype, n, reps + 1)[1:])
 
 
 def git_sha(repo: Path | None = None) -> str:

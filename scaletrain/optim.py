@@ -1,6 +1,6 @@
 """Optimizer and LR-schedule builders.
 
-Here: weight-decay parameter groups, `build_optimizer` (AdamW; fused on CUDA, foreach elsewhere) and
+Here: weight-decay parameter groups, `build_optimizer` (AdamW; fused on CUDA and CPU, foreach elsewhere) and
 `lr_at` / `build_scheduler` (linear warmup, then cosine, linear, WSD or constant). Not here: Muon
 (`muon.py`; `build_optimizer` dispatches to it for optim.name=muon).
 
@@ -42,7 +42,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
         raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; available: adamw, muon")
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device_type == "cuda" else "foreach"
+        # fused on CPU too: baseline_10m AdamW step 9.5 ms fused vs 27 ms for-loop vs 50 ms foreach (2-core CPU)
+        impl = "fused" if device_type in ("cuda", "cpu") else "foreach"
     kwargs = {"fused": impl == "fused", "foreach": impl == "foreach"}
     if cfg.name == "muon":
         return build_muon(model, cfg, **kwargs)

@@ -19,6 +19,39 @@ def test_naive_yardstick_has_exactly_the_parameters_of_the_scaletrain_model():
     assert sum(p.numel() for p in naive.parameters()) == ours.param_counts()["total"]
 
 
+def test_naive_yardstick_computes_the_same_function_as_the_scaletrain_model():
+    """Weights copied across (q/k features of each head reordered: scaletrain's RoPE pairs 2i with 2i+1,
+    rotate-half pairs i with i + K/2) give the same logits: the benchmark compares like with like."""
+    torch.manual_seed(0)
+    V, D, L, H, Fh, T = 97, 64, 2, 4, 160, 24
+    ours = Transformer(ModelConfig(name="t", d_model=D, n_layers=L, n_heads=H, d_ff=Fh), V, T).eval()
+    naive = NaiveGPT(V, D, L, H, Fh, T).eval()
+    K = D // H
+    per_head = torch.cat([torch.arange(0, K, 2), torch.arange(1, K, 2)])
+    rows = (torch.arange(H)[:, None] * K + per_head).flatten()
+    with torch.no_grad():
+        naive.tok.weight.copy_(ours.tok_emb.weight)
+        naive.w_e.weight.copy_(ours.W_e.weight)
+        for nl, block in zip(naive.layers, ours.blocks):
+            nl["q"].weight.copy_(block.attn.wq.weight[rows])
+            nl["k"].weight.copy_(block.attn.wk.weight[rows])
+            nl["v"].weight.copy_(block.attn.wv.weight)
+            nl["o"].weight.copy_(block.attn.wo.weight)
+            nl["ln1"].weight.copy_(block.attn_norm.weight)
+            nl["ln2"].weight.copy_(block.mlp_norm.weight)
+            nl["fc1"].weight.copy_(block.mlp.w_in.weight)
+            nl["fc2"].weight.copy_(block.mlp.w_out.weight)
+        naive.ln_f.weight.copy_(ours.final_norm.weight)
+        naive.w_ue.weight.copy_(ours.W_ue.weight)
+    idx = torch.randint(0, V, (3, T))
+    torch.testing.assert_close(naive(idx), ours(idx), atol=2e-5, rtol=1e-4)
+
+
+def test_naive_yardstick_refuses_configs_it_does_not_implement():
+    with pytest.raises(SystemExit, match=r"model.activation=swiglu.*moe=top2_8e"):
+        main(["model=moe_8x", "model.activation=swiglu", "--naive", "--steps", "1", "--warmup", "0"])
+
+
 def test_naive_attention_is_causal():
     torch.manual_seed(0)
     naive = NaiveGPT(50, 32, 1, 2, 64, 16).eval()
@@ -34,8 +67,12 @@ def test_bench_times_both_implementations_and_writes_json(tmp_path):
                  "--naive", "--steps", "2", "--warmup", "1", "--out", str(out)])
     assert [(r["impl"], r["precision"]) for r in rows] == [("scaletrain", "fp32"), ("naive", "fp32")]
     record = json.loads(out.read_text())
-    assert record["peaks"]["fp32"] > 0 and record["versions"]["torch"] == torch.__version__
+    assert record["device_peaks"]["fp32"] > 0 and record["device_peaks"]["bf16"] > 0
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["ratios"] == [f"model=tiny fp32: scaletrain / naive tokens/s = "
+                                f"{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x"]
     for r in rows:
-        assert r["tokens_per_s"] > 0 and r["tflops"] > 0
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["steps"] == 2
+        assert r["mfu_measured"] == pytest.approx(r["tflops"] * 1e12 / r["peak_flops"])
         assert abs(r["step_ms"] - (r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"])) < 1e-6
         assert r["tokens_per_s"] == pytest.approx(4 * 32 * 1000 / r["step_ms"])

@@ -156,6 +156,17 @@ def test_two_ddp_ranks_under_torchrun_match_one_process(reference, tinystories_d
 
 
 @pytest.mark.slow
+def test_ddp_gradient_accumulation_syncs_once_per_step_and_matches_one_process(tinystories_dir, data_cache,
+                                                                               tmp_path):
+    """Micro-batches before the last skip DDP's all-reduce (no_sync); the step still equals one process."""
+    accum = {"train.grad_accum": 2, "train.batch_size": 4}
+    train(compose_cfg(_overrides(tinystories_dir, data_cache, **accum)), tmp_path / "one")
+    _torchrun(_overrides(tinystories_dir, data_cache, **accum, **{"train.parallel": "ddp"}), tmp_path / "ddp")
+    assert len(_losses(tmp_path / "ddp")) == STEPS
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+
+
+@pytest.mark.slow
 def test_two_fsdp2_ranks_with_muon_match_one_process_and_resume_exactly(reference, tinystories_dir, data_cache,
                                                                         tmp_path):
     fsdp = {"optim": "muon", "train.parallel": "fsdp"}
@@ -168,10 +179,12 @@ def test_two_fsdp2_ranks_with_muon_match_one_process_and_resume_exactly(referenc
 
 
 @pytest.mark.slow
-def test_two_ranks_of_a_submitit_local_job_match_one_process(reference, tinystories_dir, data_cache, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_of_a_submitit_local_job_match_one_process(parallel, reference, tinystories_dir, data_cache,
+                                                             tmp_path):
     sweep = tmp_path / "sweep"
     _run([sys.executable, "-m", "scaletrain.run", "-m", "cluster=local", "cluster.gpus_per_node=0",
-          "cluster.tasks_per_node=2", "train.parallel=ddp", *_overrides(tinystories_dir, data_cache),
+          "cluster.tasks_per_node=2", f"train.parallel={parallel}", *_overrides(tinystories_dir, data_cache),
           f"hydra.sweep.dir={sweep}"])
     assert _losses(sweep / "0") == pytest.approx(_losses(reference["adamw"]), abs=1e-5)
     info = json.loads((sweep / "0" / "run_info.json").read_text())

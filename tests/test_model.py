@@ -147,3 +147,18 @@ def test_every_switch_combination_trains_one_step(norm, act, bias, tie, qk):
     loss.backward()
     assert math.isclose(loss.item(), math.log(40), rel_tol=0.05)  # near-uniform at init
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_attention_dropout_is_its_own_knob_and_only_acts_in_training():
+    """`dropout` drops hidden activations; `attn_dropout` drops attention probabilities (SDPA's dropout_p)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    for attn_p, varies in ((0.0, False), (0.5, True)):
+        cfg = small_cfg(dropout=0.3, attn_dropout=attn_p)
+        attn = Attention(cfg, RotaryEmbedding(16, 16, 10000.0))
+        attn.train()
+        attn.resid_dropout.eval()  # isolate the attention probabilities
+        a, b = attn(x), attn(x)
+        assert (not torch.equal(a, b)) == varies
+        attn.eval()
+        torch.testing.assert_close(attn(x), attn(x), rtol=0, atol=0)

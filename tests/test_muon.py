@@ -137,12 +137,13 @@ def test_fp32_newton_schulz_stays_within_bf16_rounding_of_torch_muon():
         torch.testing.assert_close(p, q, rtol=0, atol=2e-3)
 
 
-def test_adamw_groups_equal_torch_adamw_bit_for_bit():
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}])
+def test_adamw_groups_equal_torch_adamw_bit_for_bit(impl):
     gen = torch.Generator().manual_seed(4)
     init = [torch.randn(s, generator=gen) for s in [(8, 4), (5,)]]
     ours, ref = [nn.Parameter(w.clone()) for w in init], [nn.Parameter(w.clone()) for w in init]
-    opt = MuonWithAdamW([adamw_group(ours, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, foreach=True)])
-    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    opt = MuonWithAdamW([adamw_group(ours, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, **impl)])
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, **impl)
     for _ in range(4):
         for p, q in zip(ours, ref):
             p.grad = torch.randn(p.shape, generator=gen)

@@ -30,10 +30,12 @@ def tiny_model() -> Transformer:
     return Transformer(ModelConfig(name="t", d_model=16, n_layers=1, n_heads=2, d_ff=32), vocab_size=20, max_seq_len=4)
 
 
-def test_adamw_uses_foreach_on_cpu():
+def test_adamw_is_fused_on_cpu_and_cuda_and_foreach_elsewhere():
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(), "cpu")
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] and not opt.defaults["fused"]
+    for device_type, fused in (("cpu", True), ("cuda", True), ("mps", False)):
+        opt = build_optimizer(model, OptimConfig(), device_type)
+        assert isinstance(opt, torch.optim.AdamW)
+        assert (bool(opt.defaults["fused"]), bool(opt.defaults["foreach"])) == (fused, not fused)
 
 
 def test_unknown_optimizer_name_is_rejected():
