@@ -1,18 +1,26 @@
-"""Checkpoints: atomic save, discovery of the latest one, load for resume.
+"""Checkpoints: atomic save, discovery of the latest one, load for resume. Two formats:
 
-A checkpoint is one file `<run_dir>/checkpoints/step_XXXXXXX.pt` holding model, optimizer, scheduler,
-data-loader state, RNG states, step, tokens seen and the resolved config. It is written to a
-temporary file in the same folder, fsynced, then renamed: a crash mid-write leaves the previous
-checkpoint untouched and never a truncated file under a checkpoint name.
+- full: one file `<run_dir>/checkpoints/step_XXXXXXX.pt` holding model, optimizer, scheduler,
+  data-loader state, RNG states, step, tokens seen and the resolved config (under FSDP2 the shards
+  are gathered to rank 0 first). Written to a temporary file in the same folder, fsynced, renamed.
+- sharded: a folder `<run_dir>/checkpoints/step_XXXXXXX/` written by torch.distributed.checkpoint
+  (DCP, as torchtitan): every rank writes its own shards of model and optimizer in parallel, no rank
+  ever holds the whole model; `extra.pt` beside them holds the rest. Written into a hidden
+  temporary folder and renamed by rank 0 once every rank has finished. DCP reshards on load: a
+  sharded checkpoint resumes on any number of ranks, or in one plain process.
 
-Not here (yet): sharded FSDP checkpoints via torch.distributed.checkpoint.
+A crash mid-write leaves the previous checkpoint untouched and never a partial one under a checkpoint
+name. `train.ckpt_format` picks the format (auto: sharded under FSDP2 with several ranks, else full).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,8 @@ import numpy as np
 import torch
 
 CKPT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
+EXTRA = "extra.pt"  # the non-tensor state of a sharded checkpoint
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,12 +47,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Atomically write `state` as the checkpoint of `step`; keep the `keep` newest ones (0 = all)."""
-    ckpt_dir = Path(run_dir) / CKPT_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{step:07d}.pt"
-    tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -52,38 +65,120 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left over if the write failed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _rotate(ckpt_dir: Path, keep: int) -> None:
     if keep > 0:
         for old in list_checkpoints(ckpt_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            _remove(old)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Full format: atomically write `state` as the checkpoint of `step`; keep the `keep` newest (0 = all)."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step_{step:07d}.pt"
+    _write_atomically(path, state)
+    _rotate(ckpt_dir, keep)
     return path
 
 
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns whenever no process group exists; a sharded checkpoint in one process is a supported case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            extra: dict[str, Any], keep: int, is_main: bool) -> Path:
+    """Sharded format; every rank calls this. Each rank writes its shards of model and optimizer (DCP),
+    rank 0 adds `extra` and publishes the folder under its checkpoint name with one rename."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    final, tmp = ckpt_dir / f"step_{step:07d}", ckpt_dir / f".step_{step:07d}.tmp"
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # left by a crash during an earlier save of this step
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_is_intended():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp,  # returns once all ranks wrote
+                 no_dist=not torch.distributed.is_initialized())
+    if is_main:
+        _write_atomically(tmp / EXTRA, extra)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run that stopped right after saving)
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _rotate(ckpt_dir, keep)
+    _barrier()  # nobody goes on (or saves again) before the checkpoint has its name
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Read a sharded checkpoint into `model` and `optimizer` as they are laid out now (sharded by FSDP2
+    on any number of ranks, or plain); returns the `extra` state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # also creates the optimizer state to load into
+    state = {"model": model_sd, "optimizer": optim_sd}
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return load_checkpoint(path / EXTRA)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file() and (path / EXTRA).is_file()
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints in `ckpt_dir`, oldest first (temporary files are ignored)."""
+    """Complete checkpoints in `ckpt_dir` (files and sharded folders), oldest first; temporary ones are
+    ignored."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
+             if (m := _NAME.match(p.name)) and (p.is_file() if m.group(2) else is_sharded_checkpoint(p))]
     return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """Map `train.resume` to a checkpoint file: none -> None, auto -> latest in run_dir (or None),
-    PATH -> that file, or the latest checkpoint in that run directory / checkpoints folder."""
+    """Map `train.resume` to a checkpoint: none -> None, auto -> latest in run_dir (or None), PATH -> that
+    file or sharded folder, or the latest checkpoint in that run directory / checkpoints folder."""
     if resume == "none":
         return None
     if resume == "auto":
         ckpts = list_checkpoints(Path(run_dir) / CKPT_DIR)
         return ckpts[-1] if ckpts else None
     path = Path(resume).expanduser()
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     for folder in (path / CKPT_DIR, path):
         ckpts = list_checkpoints(folder)
         if ckpts:
             return ckpts[-1]
     raise FileNotFoundError(
-        f"train.resume={resume!r}: no checkpoint found; expected a step_*.pt file, a run directory "
-        f"with {CKPT_DIR}/step_*.pt, or 'auto' / 'none'"
+        f"train.resume={resume!r}: no checkpoint found; expected a step_*.pt file, a sharded step_* folder, "
+        f"a run directory with {CKPT_DIR}/step_*, or 'auto' / 'none'"
     )
 
 

@@ -202,6 +202,9 @@ class TrainConfig:
     eval_batches: int = 20
     ckpt_every: int = 500
     ckpt_keep: int = 2  # keep this many most recent step checkpoints
+    # auto | full | sharded: full = one .pt file (FSDP2 shards gathered to rank 0); sharded = one DCP folder,
+    # each rank writes its shards, reshardable on load; auto = sharded under FSDP2 with several ranks, else full
+    ckpt_format: str = "auto"
     resume: str = "none"  # none | auto | PATH to a checkpoint file or directory
     log_every: int = 10
     progress_bar: bool = True
@@ -301,6 +304,8 @@ def validate(cfg: DictConfig | Config) -> None:
             f"tying needs n_embed == d_model (got n_embed={m.n_embed}, d_model={m.d_model})",
         )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(cfg.train.ckpt_format in ("auto", "full", "sharded"), "train.ckpt_format",
+           f"expected auto | full | sharded, got {cfg.train.ckpt_format!r}")
     _check(0.0 <= m.attn_dropout < 1.0, "model.attn_dropout", f"must be in [0, 1), got {m.attn_dropout}")
     _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
     e = cfg.moe

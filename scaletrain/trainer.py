@@ -269,9 +269,12 @@ class Trainer:
                            rank=self.dist.rank, world_size=world)
 
     def restore(self, path: Path) -> str | None:
-        """Load a checkpoint into every component; returns the W&B run id to continue."""
-        state = ckpt.load_checkpoint(path)  # every rank reads the file; FSDP2 ranks keep their shards
-        distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        """Load a checkpoint (either format) into every component; returns the W&B run id to continue."""
+        if ckpt.is_sharded_checkpoint(path):  # each rank reads the shards it holds now (DCP reshards)
+            state = ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
+        else:
+            state = ckpt.load_checkpoint(path)  # every rank reads the file; FSDP2 ranks keep their shards
+            distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
@@ -286,14 +289,20 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def save(self) -> None:
-        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer)  # FSDP2: all ranks gather
-        if not self.dist.is_main:
-            return
-        state = {"model": model_sd, "optimizer": optim_sd,
-                 "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+        """Checkpoint this step in `train.ckpt_format` (every rank calls this)."""
+        extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "rng": ckpt.rng_state(), "step": self.step, "tokens_seen": self.tokens_seen,
-                 "wandb_id": self.logger.wandb_id, "wallclock_s": self.wallclock(), "config": to_container(self.cfg)}
-        ckpt.save_checkpoint(self.run_dir, self.step, state, self.tc.ckpt_keep)
+                 "wandb_id": self.logger.wandb_id if self.dist.is_main else None,
+                 "wallclock_s": self.wallclock(), "config": to_container(self.cfg)}
+        fmt = self.tc.ckpt_format
+        if fmt == "sharded" or (fmt == "auto" and distributed.is_sharded(self.model)):
+            ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra,
+                                         self.tc.ckpt_keep, self.dist.is_main)
+            return
+        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer)  # FSDP2: all ranks gather
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.run_dir, self.step, {"model": model_sd, "optimizer": optim_sd, **extra},
+                                 self.tc.ckpt_keep)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches -> (LM loss, aux loss, grad norm), device tensors."""

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from scaletrain import checkpoint as ckpt
 from scaletrain import distributed as D
 from scaletrain.config import ConfigError, validate
+from scaletrain.model import Transformer
+from scaletrain.optim import build_optimizer
 from scaletrain.trainer import train
 
 from .conftest import REPO, compose_cfg, tiny_overrides
@@ -169,13 +172,35 @@ def test_ddp_gradient_accumulation_syncs_once_per_step_and_matches_one_process(t
 @pytest.mark.slow
 def test_two_fsdp2_ranks_with_muon_match_one_process_and_resume_exactly(reference, tinystories_dir, data_cache,
                                                                         tmp_path):
+    """FSDP2 writes sharded (DCP) checkpoints by default: each rank its own shards. They resume on the
+    same 2 ranks and, resharded, in one plain process; the gathered single-file format resumes too."""
     fsdp = {"optim": "muon", "train.parallel": "fsdp"}
     _torchrun(_overrides(tinystories_dir, data_cache, **fsdp, **{"train.ckpt_every": 3}), tmp_path / "a")
     assert _losses(tmp_path / "a") == pytest.approx(_losses(reference["muon"]), abs=1e-5)
     assert _val_loss(tmp_path / "a") == pytest.approx(_val_loss(reference["muon"]), abs=1e-5)
-    step3 = tmp_path / "a" / "checkpoints" / "step_0000003.pt"  # gathered to rank 0, one file
+    step3 = tmp_path / "a" / "checkpoints" / "step_0000003"
+    assert sorted(p.name for p in step3.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
     _torchrun(_overrides(tinystories_dir, data_cache, **fsdp, **{"train.resume": step3}), tmp_path / "b")
     assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a")[3:], abs=1e-5)
+
+    full = {**fsdp, "train.ckpt_format": "full"}
+    _torchrun(_overrides(tinystories_dir, data_cache, **full, **{"train.ckpt_every": 3}), tmp_path / "d")
+    gathered = tmp_path / "d" / "checkpoints" / "step_0000003.pt"  # gathered to rank 0, one file
+    _torchrun(_overrides(tinystories_dir, data_cache, **full, **{"train.resume": gathered}), tmp_path / "e")
+    assert _losses(tmp_path / "e") == pytest.approx(_losses(tmp_path / "a")[3:], abs=1e-5)
+
+    # resharded onto one plain process, the 2-rank shards hold exactly what the gathered file holds
+    cfg = compose_cfg(_overrides(tinystories_dir, data_cache, optim="muon"))
+    model = Transformer(cfg.model, cfg.data.tokenizer.vocab_size, cfg.data.seq_len, cfg.moe)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    assert ckpt.load_sharded_checkpoint(step3, model, optimizer)["step"] == 3
+    whole = ckpt.load_checkpoint(gathered)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, whole["model"][name], rtol=0, atol=1e-6)
+    momenta = {n: optimizer.state[p]["momentum_buffer"] for n, p in model.named_parameters()
+               if "momentum_buffer" in optimizer.state[p]}
+    assert momenta and all(torch.allclose(m, whole["optimizer"]["state"][n]["momentum_buffer"], atol=1e-6)
+                           for n, m in momenta.items())
 
 
 @pytest.mark.slow

@@ -113,6 +113,34 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_run(
     assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == pytest.approx(ref_val, abs=1e-6)
 
 
+def test_a_sharded_checkpoint_resumes_a_single_process_run_exactly(
+    baseline_run, tinystories_dir, data_cache, tmp_path, monkeypatch
+):
+    """train.ckpt_format=sharded (DCP folder) without any process group: same losses as never stopping."""
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.ckpt_keep": 0,
+                                                                "model.dropout": 0.1, "train.ckpt_format": "sharded"})
+    original = data_mod.BatchLoader.next_batch
+    calls = {"n": 0}
+
+    def crash_after_25_batches(self):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(data_mod.BatchLoader, "next_batch", crash_after_25_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_cfg(overrides), tmp_path)
+    monkeypatch.setattr(data_mod.BatchLoader, "next_batch", original)
+    latest = sorted((tmp_path / "checkpoints").iterdir())[-1]
+    assert latest.name == "step_0000020" and {".metadata", "extra.pt"} <= {p.name for p in latest.iterdir()}
+    train(compose_cfg(overrides + ["train.resume=auto"]), tmp_path)
+    resumed, reference = train_losses(tmp_path), train_losses(baseline_run)
+    assert resumed.keys() == reference.keys()
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
 def test_resume_from_an_explicit_checkpoint_path(baseline_run, tinystories_dir, data_cache, tmp_path):
     ckpt = baseline_run / "checkpoints" / "step_0000030.pt"
     overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 40, "train.resume": str(ckpt), "model.dropout": 0.1})
@@ -199,3 +227,52 @@ def test_the_cpu_malloc_cache_keeps_freed_tensors_resident_and_switches_back():
     finally:
         assert "off" in configure_cpu_malloc(False)
     assert resident_after_free() < 50 * 2**20
+
+
+def _model_and_adamw(seed: int):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(name="t", d_model=16, n_layers=1, n_heads=2, d_ff=32), 20, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 20, (2, 8))).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_sharded_checkpoint_round_trip_restores_model_optimizer_and_extra(tmp_path):
+    from scaletrain import checkpoint as ckpt
+
+    model, opt = _model_and_adamw(0)
+    path = ckpt.save_sharded_checkpoint(tmp_path, 7, model, opt, {"step": 7}, keep=2, is_main=True)
+    fresh, fresh_opt = Transformer(ModelConfig(name="t", d_model=16, n_layers=1, n_heads=2, d_ff=32), 20, 8), None
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert ckpt.resolve_resume("auto", tmp_path) == path and ckpt.resolve_resume(str(path), tmp_path) == path
+    assert ckpt.load_sharded_checkpoint(path, fresh, fresh_opt) == {"step": 7}
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        sa, sb = opt.state[p], fresh_opt.state[q]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_crash_while_writing_a_sharded_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from scaletrain import checkpoint as ckpt
+
+    model, opt = _model_and_adamw(0)
+    ckpt.save_sharded_checkpoint(tmp_path, 10, model, opt, {"step": 10}, keep=2, is_main=True)
+
+    def dies_half_way(state, checkpoint_id, **kwargs):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("node lost")
+
+    monkeypatch.setattr(dcp, "save", dies_half_way)
+    with pytest.raises(OSError):
+        ckpt.save_sharded_checkpoint(tmp_path, 20, model, opt, {"step": 20}, keep=2, is_main=True)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000010"]
+    assert ckpt.resolve_resume("auto", tmp_path).name == "step_0000010"
+    # the next save of that step replaces the leftover, and rotation treats folders like files
+    for step in (20, 30):
+        ckpt.save_sharded_checkpoint(tmp_path, step, model, opt, {"step": step}, keep=2, is_main=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]
