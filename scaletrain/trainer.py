@@ -89,7 +89,7 @@ def configure_cpu_malloc(cache: bool) -> str:
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); otherwise bf16 matmuls
-    take a scalar fallback that measured ~1000x slower than fp32 on the 2-core AVX2 EPYC used for CI."""
+    take a scalar fallback that measured 100-1000x slower than fp32 on the 2-core AVX2 EPYC used for CI."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -244,7 +244,7 @@ class Trainer:
         bf16 = self.tc.precision == Precision.bf16
         if bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
             print("WARNING: train.precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls fall back to a "
-                  "slow path here (measured ~1000x slower than fp32). Use train.precision=fp32 on this machine.")
+                  "slow path here (measured 100-1000x slower than fp32). Use train.precision=fp32 on this machine.")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
             else contextlib.nullcontext
         self.peak, peak_source = peak_flops(cfg, self.device, torch.bfloat16 if bf16 else torch.float32)
