@@ -162,3 +162,16 @@ def test_attention_dropout_is_its_own_knob_and_only_acts_in_training():
         assert (not torch.equal(a, b)) == varies
         attn.eval()
         torch.testing.assert_close(attn(x), attn(x), rtol=0, atol=0)
+
+
+def test_the_dense_124m_preset_has_gpt2_smalls_size():
+    """model=dense_124m is the ~124M dense model of the GPU throughput target (built on the meta device)."""
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["model=dense_124m", "data.seq_len=1024"])
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.model.vocab_size, cfg.data.seq_len, cfg.moe)
+    counts = model.param_counts()
+    # tied token embedding 50304 x 768 + W_e 768 x 768; 12 blocks of 4 x 768^2 + 2 x 768 x 3072 (+ norms)
+    assert counts["embedding"] == 50304 * 768 + 768 * 768
+    assert counts["total"] == 124_177_152
