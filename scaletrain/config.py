@@ -84,6 +84,11 @@ class ModelConfig:
     init_std: float = 0.02
 
 
+class BalanceScope(StrEnum):
+    global_batch = "global_batch"  # token shares f_e summed over data-parallel ranks: the loss of the whole batch
+    micro_batch = "micro_batch"  # each rank balances the micro-batch it sees (Switch / Mixtral as usually written)
+
+
 class RouterScore(StrEnum):
     softmax = "softmax"  # probabilities over all experts (Switch, Mixtral, DeepSeekMoE)
     sigmoid = "sigmoid"  # independent per-expert affinities (DeepSeek-V3)
@@ -109,6 +114,9 @@ class MoEConfig:
     norm_topk: bool = True  # renormalize the top-k gates to sum to 1 (no effect when top_k = 1)
     capacity_factor: Optional[float] = None  # None = dropless; else capacity = ceil(tokens * top_k * cf / n_experts)
     aux_loss_coef: float = 0.01  # Switch balancing alpha*E*sum_e f_e*P_e (f_e: share of slots); = alpha if balanced
+    # global_batch: f_e over all data-parallel ranks, so the loss and the run do not depend on how many GPUs
+    # share the batch (Megatron's global_aux_loss, Qwen's global-batch balancing); micro_batch: per rank
+    balance_scope: BalanceScope = BalanceScope.global_batch
     z_loss_coef: float = 0.001  # router z-loss coef * mean(logsumexp(logits)^2)
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) gamma; 0 = off
     router_jitter: float = 0.0  # training only: router input scaled by U(1 - eps, 1 + eps) (Switch)

@@ -21,7 +21,8 @@ token dropped by all its experts passes through the block's residual unchanged.
 Losses (`self.aux_loss`, coefficients applied): load balance alpha * E * sum_e f_e P_e, where f_e
 is the share of the N*K slots routed to e (before capacity) and P_e the mean router probability
 (scores normalized per token): Switch's formula with its top-k scaling, equal to alpha when routing is
-uniform, E * alpha at collapse; z-loss coef * mean_n(logsumexp(logits_n)^2). Loads for the bias
+uniform, E * alpha at collapse (`balance_scope=global_batch`: f_e counts the tokens of every
+data-parallel rank, so 2 ranks train exactly like 1 process); z-loss coef * mean_n(logsumexp(logits_n)^2). Loads for the bias
 update accumulate over micro-batches until `update_bias()` (once per optimizer step).
 """
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import Activation, MoEConfig, MoEImpl, ModelConfig, RouterScore
+from scaletrain.config import Activation, BalanceScope, MoEConfig, MoEImpl, ModelConfig, RouterScore
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -304,7 +305,11 @@ class MoE(nn.Module):
     def _losses_and_stats(self, logits_NE, scores_NE, kept_E, routed_E) -> None:
         mc = self.moe_cfg
         probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True) if mc.score == RouterScore.sigmoid else scores_NE
-        frac_E = routed_E.float() / routed_E.sum()
+        shares_E = routed_E.float()
+        if (self.training and mc.balance_scope == BalanceScope.global_batch and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            torch.distributed.all_reduce(shares_E)  # counts carry no gradient; P_e stays local (DDP averages)
+        frac_E = shares_E / shares_E.sum()
         balance = self.n_experts * (frac_E * probs_NE.mean(0)).sum()  # 1.0 when balanced
         z = torch.logsumexp(logits_NE, dim=-1).square().mean()
         self.aux_loss = mc.aux_loss_coef * balance + mc.z_loss_coef * z

@@ -215,3 +215,22 @@ def test_two_ranks_of_a_submitit_local_job_match_one_process(parallel, reference
     info = json.loads((sweep / "0" / "run_info.json").read_text())
     assert (info["cluster"]["launcher"], info["cluster"]["world_size"]) == ("submitit-local", 2)
     assert Path(info["cluster"]["log_stdout"]).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_with_balancing_on_two_ranks_matches_one_process(parallel, tinystories_dir, data_cache, tmp_path):
+    """The balancing loss (balance_scope=global_batch) and the selection-bias update count the tokens of
+    every rank, so 2 ranks train like 1 process. init_std 0.1 keeps the router away from near-ties, where
+    float noise alone would flip top-k choices; with micro_batch scope the losses part by ~1e-3."""
+    moe = {"model": "moe_8x", "model.d_model": 64, "model.n_heads": 4, "model.d_ff": 128, "model.dropout": 0.0,
+           "model.init_std": 0.1, "moe.aux_loss_coef": 0.01, "moe.bias_update_rate": 0.01}
+    train(compose_cfg(_overrides(tinystories_dir, data_cache, **moe)), tmp_path / "one")
+    _torchrun(_overrides(tinystories_dir, data_cache, **moe, **{"train.parallel": parallel}), tmp_path / "two")
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+    assert _val_loss(tmp_path / "two") == pytest.approx(_val_loss(tmp_path / "one"), abs=1e-5)
+    if parallel == "ddp":  # the scope is what makes the difference
+        _torchrun(_overrides(tinystories_dir, data_cache, **moe, **{"train.parallel": parallel,
+                                                                    "moe.balance_scope": "micro_batch"}),
+                  tmp_path / "local")
+        assert max(abs(a - b) for a, b in zip(_losses(tmp_path / "local"), _losses(tmp_path / "one"))) > 1e-4
