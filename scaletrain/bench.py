@@ -120,7 +120,8 @@ def build_contender(cfg, impl: str, device: torch.device, tokens: np.ndarray) ->
         optimizer = build_optimizer(model, cfg.optim, device.type)
         fwd = torch.compile(model) if cfg.train.compile else model
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
-    return Contender(impl, model, fwd, optimizer, scheduler, BatchLoader(tokens, B, T, seed=0), flops_per_token)
+    loader = BatchLoader(tokens, B, T, seed=0, pin_memory=device.type == "cuda")  # as the trainer's
+    return Contender(impl, model, fwd, optimizer, scheduler, loader, flops_per_token)
 
 
 def time_step(c: Contender, device: torch.device, autocast, cfg) -> dict[str, float]:

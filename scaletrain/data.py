@@ -445,9 +445,14 @@ class BatchLoader:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("BatchLoader(pin_memory=True) needs CUDA (page-locked memory is for host-to-GPU copies)")
+        # pinned batches let `.to("cuda", non_blocking=True)` return at once: the copy and the next batch's
+        # gather overlap the GPU's work on the current step (the loop never syncs outside log steps)
+        self.pin_memory = pin_memory
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.n_windows = (len(tokens) - 1) // seq_len
@@ -475,7 +480,8 @@ class BatchLoader:
             need -= take
             if self.pos == self.per_rank:
                 self.epoch, self.pos = self.epoch + 1, 0
-        return _windows(self.tokens, np.concatenate(parts), self.seq_len)
+        x, y = _windows(self.tokens, np.concatenate(parts), self.seq_len)
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,

@@ -266,7 +266,7 @@ class Trainer:
         if bs % world:
             raise ValueError(f"train.batch_size={bs} (global) must be divisible by the {world} ranks")
         return BatchLoader(self.data.train.tokens, bs // world, self.cfg.data.seq_len, seed=self.tc.seed,
-                           rank=self.dist.rank, world_size=world)
+                           rank=self.dist.rank, world_size=world, pin_memory=self.device.type == "cuda")
 
     def restore(self, path: Path) -> str | None:
         """Load a checkpoint (either format) into every component; returns the W&B run id to continue."""

@@ -358,3 +358,16 @@ def test_eval_batches_are_the_first_windows_in_order_every_time():
 def test_eval_batches_on_a_short_split_give_the_windows_there_are():
     sizes = [x.shape[0] for x, _ in eval_batches(TOKENS[:95], batch_size=4, seq_len=10, n_batches=5)]
     assert sizes == [4, 4, 1]  # (95 - 1) // 10 = 9 windows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked batches are for CUDA hosts")
+def test_on_a_cuda_host_batches_are_pinned_and_equal_the_pageable_ones():
+    pinned = BatchLoader(TOKENS, batch_size=4, seq_len=10, seed=0, pin_memory=True).next_batch()
+    plain = BatchLoader(TOKENS, batch_size=4, seq_len=10, seed=0).next_batch()
+    assert all(t.is_pinned() for t in pinned) and all(torch.equal(a, b) for a, b in zip(pinned, plain))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a host without CUDA")
+def test_pinned_batches_without_cuda_are_refused_by_name():
+    with pytest.raises(ValueError, match="pin_memory=True.*needs CUDA"):
+        BatchLoader(TOKENS, batch_size=4, seq_len=10, seed=0, pin_memory=True)
