@@ -144,6 +144,9 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
                                                                abs=1e-6)
     summary = json.loads((job / "summary.json").read_text())
     assert summary["step"] == 60
+    # FSDP2 checkpoints are sharded DCP folders: the one written on the signal, and the final one
+    ckpts = sorted(p for p in (job / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert [p.name for p in ckpts] == [f"step_{stopped_at:07d}", "step_0000060"] and all(p.is_dir() for p in ckpts)
     attempts = sorted(p.name for p in (job / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(name.endswith(summary["wandb_id"]) for name in attempts)  # one W&B run
     assert _sacct_states(job_id)[job_id] == "COMPLETED"  # not resubmitted once max_steps is reached
