@@ -105,18 +105,16 @@ class Contender:
     phases: dict[str, list[float]] = field(default_factory=lambda: {"data": [], "fwd_bwd": [], "optim": []})
 
 
-def build_contender(cfg, impl: str, device: torch.device, tokens: np.ndarray) -> Contender:
+def build_contender(cfg, impl: str, device: torch.device, tokens: np.ndarray, flops_per_token: float) -> Contender:
     torch.manual_seed(0)
     T, B, m = cfg.data.seq_len, cfg.train.batch_size, cfg.model
     vocab = m.vocab_size or cfg.data.tokenizer.vocab_size
-    ours = Transformer(m, vocab, T, cfg.moe)
-    flops_per_token = ours.flops_per_token(T)  # the naive model has the same shape, so the same count
     if impl == "naive":
         model = NaiveGPT(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, T, m.dropout, m.attn_dropout).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
         fwd = model
     else:
-        model = ours.to(device)
+        model = Transformer(m, vocab, T, cfg.moe).to(device)
         optimizer = build_optimizer(model, cfg.optim, device.type)
         fwd = torch.compile(model) if cfg.train.compile else model
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
@@ -175,7 +173,10 @@ def bench_config(cfg, precision: str, device: torch.device, peak_n: int, args) -
     vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
     tokens = np.random.default_rng(0).integers(0, vocab, size=max(10 * B * (T + 1), 2_000_000), dtype=np.int64)
     tokens = tokens.astype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    contenders = [build_contender(cfg, impl, device, tokens) for impl in ("scaletrain", "naive")[: 1 + args.naive]]
+    with torch.device("meta"):  # the naive model has the same shape, so the same count
+        flops_per_token = Transformer(cfg.model, vocab, T, cfg.moe).flops_per_token(T)
+    contenders = [build_contender(cfg, impl, device, tokens, flops_per_token)
+                  for impl in ("scaletrain", "naive")[: 1 + args.naive]]
     bf16 = precision == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     for _ in range(args.warmup):

@@ -292,7 +292,7 @@ class Trainer:
         """Checkpoint this step in `train.ckpt_format` (every rank calls this)."""
         extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "rng": ckpt.rng_state(), "step": self.step, "tokens_seen": self.tokens_seen,
-                 "wandb_id": self.logger.wandb_id if self.dist.is_main else None,
+                 "wandb_id": self.logger.wandb_id,
                  "wallclock_s": self.wallclock(), "config": to_container(self.cfg)}
         fmt = self.tc.ckpt_format
         if fmt == "sharded" or (fmt == "auto" and distributed.is_sharded(self.model)):
