@@ -44,7 +44,7 @@ def time_fwd_bwd(layer: MoE, x_BTD: torch.Tensor, dtype: torch.dtype, repeats: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-expert", type=int, default=2048)
@@ -62,21 +62,26 @@ def main() -> None:
     mc = ModelConfig(name="bench", d_model=args.d_model, d_ff=args.d_expert, n_layers=1)
     x_BTD = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
     flops = 6 * args.tokens * args.top_k * 2 * args.d_model * args.d_expert  # expert matmuls, fwd + bwd
-    print(f"MoE fwd+bwd: E={args.experts} top-{args.top_k} D={args.d_model} F={args.d_expert} "
-          f"T={args.tokens}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"MoE fwd+bwd: E={args.experts} top-{args.top_k} D={args.d_model} F={args.d_expert} "
+        f"T={args.tokens}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'dtype':6} {'impl':9} {'compile':7} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} {'vs loop':>8}  dispatch")
     for dt_name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt_name]
         base = None
-        for compiled in ([False, True] if args.compile else [False]):
+        for compiled in [False, True] if args.compile else [False]:
             for impl in args.impls.split(","):
                 layer = MoE(mc, MoEConfig(name="bench", n_experts=args.experts, top_k=args.top_k, impl=impl))
                 fn = torch.compile(layer) if compiled else layer
                 s = time_fwd_bwd(layer, x_BTD, dtype, args.repeats, fn)
                 base = s if (impl == "loop" and not compiled) else base
                 ratio = f"{base / s:7.2f}x" if base else "      -"
-                print(f"{dt_name:6} {impl:9} {str(compiled):7} {s * 1e3:9.1f} {args.tokens / s:10.0f} "
-                      f"{flops / s / 1e9:8.1f} {ratio}  {layer.dispatch}", flush=True)
+                print(
+                    f"{dt_name:6} {impl:9} {str(compiled):7} {s * 1e3:9.1f} {args.tokens / s:10.0f} "
+                    f"{flops / s / 1e9:8.1f} {ratio}  {layer.dispatch}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

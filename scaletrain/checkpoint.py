@@ -11,6 +11,8 @@
 
 A crash mid-write leaves the previous checkpoint untouched and never a partial one under a checkpoint
 name. `train.ckpt_format` picks the format (auto: sharded under FSDP2 with several ranks, else full).
+Names, discovery (`list_checkpoints`, `is_sharded_checkpoint`) and `atomic_write` are the shared
+contracts of `records.py`, so the report finds exactly the checkpoints that resume would.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -27,9 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-CKPT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
-EXTRA = "extra.pt"  # the non-tensor state of a sharded checkpoint
+from scaletrain.records import (
+    CKPT_DIR,
+    SHARDED_EXTRA,
+    atomic_write,
+    checkpoint_name,
+    fsync_dir,
+    is_sharded_checkpoint,
+    list_checkpoints,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -45,26 +52,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over if the write failed
 
 
 def _remove(path: Path) -> None:
@@ -84,8 +71,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     """Full format: atomically write `state` as the checkpoint of `step`; keep the `keep` newest (0 = all)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{step:07d}.pt"
-    _write_atomically(path, state)
+    path = ckpt_dir / checkpoint_name(step, sharded=False)
+    atomic_write(path, lambda f: torch.save(state, f))
     _rotate(ckpt_dir, keep)
     return path
 
@@ -103,15 +90,23 @@ def _single_process_is_intended():
         yield
 
 
-def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            extra: dict[str, Any], keep: int, is_main: bool) -> Path:
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int,
+    is_main: bool,
+) -> Path:
     """Sharded format; every rank calls this. Each rank writes its shards of model and optimizer (DCP),
     rank 0 adds `extra` and publishes the folder under its checkpoint name with one rename."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    final, tmp = ckpt_dir / f"step_{step:07d}", ckpt_dir / f".step_{step:07d}.tmp"
+    final = ckpt_dir / checkpoint_name(step, sharded=True)
+    tmp = ckpt_dir / f".{final.name}.tmp"  # hidden: never listed; one name that every rank can compute
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # left by a crash during an earlier save of this step
@@ -119,15 +114,18 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_is_intended():
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp,  # returns once all ranks wrote
-                 no_dist=not torch.distributed.is_initialized())
+        dcp_save(
+            {"model": model_sd, "optimizer": optim_sd},
+            checkpoint_id=tmp,  # returns once all ranks wrote
+            no_dist=not torch.distributed.is_initialized(),
+        )
     if is_main:
-        _write_atomically(tmp / EXTRA, extra)
-        _fsync_dir(tmp)
+        atomic_write(tmp / SHARDED_EXTRA, lambda f: torch.save(extra, f))
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that stopped right after saving)
             _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         _rotate(ckpt_dir, keep)
     _barrier()  # nobody goes on (or saves again) before the checkpoint has its name
     return final
@@ -136,29 +134,15 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
 def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Read a sharded checkpoint into `model` and `optimizer` as they are laid out now (sharded by FSDP2
     on any number of ranks, or plain); returns the `extra` state."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also creates the optimizer state to load into
     state = {"model": model_sd, "optimizer": optim_sd}
     with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        dcp_load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return load_checkpoint(path / EXTRA)
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file() and (path / EXTRA).is_file()
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints in `ckpt_dir` (files and sharded folders), oldest first; temporary ones are
-    ignored."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
-             if (m := _NAME.match(p.name)) and (p.is_file() if m.group(2) else is_sharded_checkpoint(p))]
-    return [p for _, p in sorted(found)]
+    return load_checkpoint(path / SHARDED_EXTRA)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:

@@ -27,24 +27,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import cast
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from scaletrain.config import TokenizerKind
+from scaletrain.records import atomic_write
 
 EOT = "<|endoftext|>"
 CACHE_VERSION = "1"  # bump when the cache layout or the text parsing changes
@@ -52,6 +56,9 @@ SPLIT_FILES = {"train": ("train",), "val": ("valid", "validation", "val")}
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 FULL_HASH_BYTES = 256 << 20  # files up to this size are fingerprinted by their whole content
 MIN_DOCS_PER_PROCESS = 1000  # below this, map worker start-up costs more than it saves
+
+
+log = logging.getLogger("scaletrain.data")
 
 
 class DataError(RuntimeError):
@@ -102,9 +109,7 @@ class Tokenizer:
         return self._token_bytes
 
     def save(self, path: str | Path) -> None:
-        tmp = Path(f"{path}.tmp-{os.getpid()}")
-        tmp.write_text(self._tok.to_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, self._tok.to_str())  # a concurrent job never reads half a tokenizer
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -116,8 +121,12 @@ class Tokenizer:
         inner = tokenizers.Tokenizer(models.BPE())
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         inner.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         inner.train_from_iterator(texts, trainer)
         return cls(inner)
 
@@ -127,8 +136,9 @@ class Tokenizer:
         files = [Path(directory).expanduser() / name for name in ("vocab.json", "merges.txt")]
         for f in files:
             if not f.is_file():
-                raise DataError(f"GPT-2 tokenizer file not found: {f} (data.tokenizer.gpt2_dir must hold "
-                                "vocab.json and merges.txt)")
+                raise DataError(
+                    f"GPT-2 tokenizer file not found: {f} (data.tokenizer.gpt2_dir must hold vocab.json and merges.txt)"
+                )
         inner = tokenizers.Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         inner.decoder = decoders.ByteLevel()
@@ -195,7 +205,8 @@ def _check_hub_reachable(timeout_s: float) -> None:
         raise DataError(
             f"cannot reach the Hugging Face hub at {endpoint} ({failure[0]}) within data.hub_timeout_s="
             f"{timeout_s}. Use local files with data.path=../shared/data/tinystories (a folder with "
-            "train.txt/valid.txt, .jsonl or .parquet), or set HF_HUB_OFFLINE=1 to use a cached copy.")
+            "train.txt/valid.txt, .jsonl or .parquet), or set HF_HUB_OFFLINE=1 to use a cached copy."
+        )
 
 
 def _select_text(ds: datasets.Dataset, column: str, where: str) -> datasets.Dataset:
@@ -209,8 +220,10 @@ def _select_text(ds: datasets.Dataset, column: str, where: str) -> datasets.Data
 def _hub_corpus(cfg) -> _Corpus:
     _check_hub_reachable(cfg.hub_timeout_s)
     splits = {"train": cfg.hub_train_split, "val": cfg.hub_val_split}
-    loaded = {k: _select_text(datasets.load_dataset(cfg.hub_id, split=s), cfg.text_column, f"{cfg.hub_id}[{s}]")
-              for k, s in splits.items()}
+    loaded = {
+        k: _select_text(datasets.load_dataset(cfg.hub_id, split=s), cfg.text_column, f"{cfg.hub_id}[{s}]")
+        for k, s in splits.items()
+    }
     # The datasets fingerprint identifies the cached Arrow data (dataset, revision, split).
     return _Corpus({k: ds._fingerprint for k, ds in loaded.items()}, loaded.__getitem__, f"hub {cfg.hub_id}")
 
@@ -220,8 +233,9 @@ def _find_split_file(folder: Path, split: str) -> Path:
     found = [p for p in candidates if p.is_file()]
     if len(found) != 1:
         problem = "no" if not found else f"more than one ({', '.join(p.name for p in found)})"
-        raise DataError(f"{folder}: {problem} {split} file; expected exactly one of "
-                        f"{', '.join(p.name for p in candidates)}")
+        raise DataError(
+            f"{folder}: {problem} {split} file; expected exactly one of {', '.join(p.name for p in candidates)}"
+        )
     return found[0]
 
 
@@ -268,8 +282,11 @@ def _txt_examples(path: str, fingerprint: str) -> Iterator[dict]:
 def _load_local_file(path: Path, fingerprint: str, column: str, cache: Path) -> datasets.Dataset:
     if path.suffix == ".txt":
         return datasets.Dataset.from_generator(
-            _txt_examples, gen_kwargs={"path": str(path), "fingerprint": fingerprint}, cache_dir=str(cache),
-            features=datasets.Features({"text": datasets.Value("string")}))
+            _txt_examples,
+            gen_kwargs={"path": str(path), "fingerprint": fingerprint},
+            cache_dir=str(cache),
+            features=datasets.Features({"text": datasets.Value("string")}),
+        )
     reader = datasets.Dataset.from_json if path.suffix == ".jsonl" else datasets.Dataset.from_parquet
     return _select_text(reader(str(path), cache_dir=str(cache)), column, str(path))
 
@@ -277,8 +294,10 @@ def _load_local_file(path: Path, fingerprint: str, column: str, cache: Path) -> 
 def _local_corpus(cfg, cache_root: Path) -> _Corpus:
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
-        raise DataError(f"data.path={cfg.path}: folder {folder.resolve()} not found; expected a folder with "
-                        f"train.txt/valid.txt (or .jsonl/.parquet with column {cfg.text_column!r})")
+        raise DataError(
+            f"data.path={cfg.path}: folder {folder.resolve()} not found; expected a folder with "
+            f"train.txt/valid.txt (or .jsonl/.parquet with column {cfg.text_column!r})"
+        )
     files = {split: _find_split_file(folder, split) for split in SPLIT_FILES}
     fps = {split: _file_fingerprint(f) for split, f in files.items()}
 
@@ -295,7 +314,7 @@ def _train_texts(ds: datasets.Dataset, max_bytes: int) -> Iterator[str]:
     """Whole documents from the start of the split while their total stays within `max_bytes`."""
     total = 0
     for batch in ds.iter(batch_size=1000):
-        for text in batch["text"]:
+        for text in cast(dict[str, list[str]], batch)["text"]:
             total += len(text.encode())
             if total > max_bytes:
                 return
@@ -316,7 +335,7 @@ def _get_tokenizer(cfg, corpus: _Corpus, cache_root: Path) -> Tokenizer:
     tok = Tokenizer.train_bpe(_train_texts(corpus.load("train"), tc.max_train_bytes), tc.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
-    print(f"data: trained BPE tokenizer (vocab {tok.vocab_size}) in {time.perf_counter() - t0:.1f} s -> {path}")
+    log.info("data: trained BPE tokenizer (vocab %d) in %.1f s -> %s", tok.vocab_size, time.perf_counter() - t0, path)
     return tok
 
 
@@ -331,31 +350,44 @@ class _EncodeDocuments:
 
     def __call__(self, batch: dict) -> dict:
         eot = [self.tokenizer.eot_id]
-        return {"ids": [ids + eot for ids in self.tokenizer.encode_batch(batch["text"])],
-                "n_bytes": [len(text.encode()) for text in batch["text"]]}
+        return {
+            "ids": [ids + eot for ids in self.tokenizer.encode_batch(batch["text"])],
+            "n_bytes": [len(text.encode()) for text in batch["text"]],
+        }
 
 
-def _encode_split(ds: datasets.Dataset, tokenizer: Tokenizer, num_proc: int, arrow_file: Path,
-                  fingerprint: str) -> datasets.Dataset:
-    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")),
-                                  "n_bytes": datasets.Value("int64")})
+def _encode_split(
+    ds: datasets.Dataset, tokenizer: Tokenizer, num_proc: int, arrow_file: Path, fingerprint: str
+) -> datasets.Dataset:
+    features = datasets.Features(
+        {"ids": datasets.Sequence(datasets.Value("int32")), "n_bytes": datasets.Value("int64")}
+    )
     procs = min(num_proc, len(ds) // MIN_DOCS_PER_PROCESS)
-    return ds.map(_EncodeDocuments(tokenizer), batched=True, remove_columns=ds.column_names, features=features,
-                  num_proc=procs if procs > 1 else None,
-                  cache_file_name=str(arrow_file), load_from_cache_file=False, new_fingerprint=fingerprint,
-                  desc="tokenizing")
+    return ds.map(
+        _EncodeDocuments(tokenizer),
+        batched=True,
+        remove_columns=ds.column_names,
+        features=features,
+        num_proc=procs if procs > 1 else None,
+        cache_file_name=str(arrow_file),
+        load_from_cache_file=False,
+        new_fingerprint=fingerprint,
+        desc="tokenizing",
+    )
 
 
 def _write_stream(encoded: datasets.Dataset, path: Path, dtype: np.dtype, max_tokens: int | None) -> dict:
     """Append the documents' ids to `path`; with `max_tokens`, only the whole documents that fit."""
     n_tokens = n_bytes = n_docs = 0
     with path.open("wb") as f:
-        for batch in encoded.with_format("arrow").iter(batch_size=8192):
-            lengths = pc.list_value_length(batch["ids"]).to_numpy()
+        for table in encoded.with_format("arrow").iter(batch_size=8192):
+            batch = cast(pa.Table, table)  # the arrow format yields tables (the stubs say dicts)
+            # pyarrow.compute's functions are generated at import time: its stubs do not list them
+            lengths = pc.list_value_length(batch["ids"]).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
             keep = len(lengths)
             if max_tokens is not None:
                 keep = int(np.searchsorted(np.cumsum(lengths), max_tokens - n_tokens, side="right"))
-            ids = pc.list_flatten(batch["ids"].slice(0, keep)).to_numpy()
+            ids = pc.list_flatten(batch["ids"].slice(0, keep)).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
             ids.astype(dtype).tofile(f)
             n_tokens += len(ids)
             n_bytes += int(batch["n_bytes"].slice(0, keep).to_numpy().sum())
@@ -369,16 +401,30 @@ def _write_entry(cfg, corpus: _Corpus, tokenizer: Tokenizer, folder: Path) -> No
     """Encode both splits into `folder`: {train,val}.bin, tokenizer.json and, last, meta.json."""
     (folder / "encoded").mkdir(parents=True)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    meta = {"version": CACHE_VERSION, "source": corpus.description, "data_fingerprint": corpus.fingerprints,
-            "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id, "dtype": dtype.name, "max_val_tokens": cfg.max_val_tokens}
+    meta = {
+        "version": CACHE_VERSION,
+        "source": corpus.description,
+        "data_fingerprint": corpus.fingerprints,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype.name,
+        "max_val_tokens": cfg.max_val_tokens,
+    }
     for split, cap in (("train", None), ("val", cfg.max_val_tokens)):
-        encoded = _encode_split(corpus.load(split), tokenizer, cfg.num_proc, folder / "encoded" / f"{split}.arrow",
-                                _digest(corpus.fingerprints[split], tokenizer.fingerprint))
+        encoded = _encode_split(
+            corpus.load(split),
+            tokenizer,
+            cfg.num_proc,
+            folder / "encoded" / f"{split}.arrow",
+            _digest(corpus.fingerprints[split], tokenizer.fingerprint),
+        )
         meta[split] = _write_stream(encoded, folder / f"{split}.bin", dtype, cap)
         if meta[split]["n_docs"] == 0:
-            raise DataError(f"{split} split of {corpus.description} gives no documents"
-                            + (f" within data.max_val_tokens={cap}" if cap is not None else ""))
+            raise DataError(
+                f"{split} split of {corpus.description} gives no documents"
+                + (f" within data.max_val_tokens={cap}" if cap is not None else "")
+            )
     shutil.rmtree(folder / "encoded")  # the per-document Arrow copy is only a step towards the .bin
     tokenizer.save(folder / "tokenizer.json")  # a record of exactly what produced these ids
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -399,7 +445,7 @@ def _build_token_cache(cfg, corpus: _Corpus, tokenizer: Tokenizer, out: Path) ->
         # another process finished the same entry first; it holds the same bytes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"data: tokenized {corpus.description} in {time.perf_counter() - t0:.1f} s -> {out}")
+    log.info("data: tokenized %s in %.1f s -> %s", corpus.description, time.perf_counter() - t0, out)
 
 
 def _open_split(folder: Path, split: str, meta: dict, seq_len: int) -> TokenSplit:
@@ -415,8 +461,9 @@ def prepare_data(cfg) -> PreparedData:
     cache_root = Path(cfg.cache_dir).expanduser()
     corpus = _local_corpus(cfg, cache_root) if cfg.path else _hub_corpus(cfg)
     tokenizer = _get_tokenizer(cfg, corpus, cache_root)
-    data_fp = _digest(CACHE_VERSION, corpus.fingerprints["train"], corpus.fingerprints["val"], cfg.text_column,
-                      cfg.max_val_tokens)
+    data_fp = _digest(
+        CACHE_VERSION, corpus.fingerprints["train"], corpus.fingerprints["val"], cfg.text_column, cfg.max_val_tokens
+    )
     out = cache_root / "tokens" / f"{data_fp}-{tokenizer.fingerprint}"
     if not (out / "meta.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -444,8 +491,16 @@ class BatchLoader:
     dropped so that every rank has equally many per epoch (ranks stay in step across epochs).
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1, pin_memory: bool = False):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
         if pin_memory and not torch.cuda.is_available():
@@ -458,8 +513,10 @@ class BatchLoader:
         self.n_windows = (len(tokens) - 1) // seq_len
         self.per_rank = self.n_windows // world_size
         if self.per_rank == 0:
-            raise ValueError(f"{len(tokens)} tokens hold {self.n_windows} windows of seq_len + 1 = {seq_len + 1}; "
-                             f"need at least world_size = {world_size}")
+            raise ValueError(
+                f"{len(tokens)} tokens hold {self.n_windows} windows of seq_len + 1 = {seq_len + 1}; "
+                f"need at least world_size = {world_size}"
+            )
         self.epoch, self.pos = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
@@ -484,20 +541,29 @@ class BatchLoader:
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
-                "world_size": self.world_size, "n_tokens": len(self.tokens)}
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "n_tokens": len(self.tokens),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("seed", "seq_len", "world_size", "n_tokens"):
             if state[key] != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{key}={mine[key]}; the data order would not continue where it stopped")
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]}, this loader has "
+                    f"{key}={mine[key]}; the data order would not continue where it stopped"
+                )
         self.epoch, self.pos = state["epoch"], state["pos"]
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first n_batches * batch_size non-overlapping windows, in order (fewer if the split is
     short; the last batch may then be smaller). The same set on every call."""
     n = min(n_batches * batch_size, (len(tokens) - 1) // seq_len)

@@ -28,8 +28,8 @@ Not here: the training loop (trainer.py), checkpoint files (checkpoint.py), laun
 from __future__ import annotations
 
 import contextlib
-
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -38,7 +38,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -46,10 +46,23 @@ from torch import nn
 
 # submitit's LocalExecutor restarts the tasks of a job that exits with this code (its "requeue")
 SUBMITIT_LOCAL_REQUEUE_CODE = 144
-_SLURM_RECORD = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-                 "SLURM_JOB_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_JOB_QOS",
-                 "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS", "SLURM_CPUS_PER_TASK",
-                 "SLURM_SUBMIT_DIR", "SUBMITIT_EXECUTOR", "CUDA_VISIBLE_DEVICES")
+_SLURM_RECORD = (
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_RESTART_COUNT",
+    "SLURM_JOB_NAME",
+    "SLURM_JOB_PARTITION",
+    "SLURM_JOB_ACCOUNT",
+    "SLURM_JOB_QOS",
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_NTASKS",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_SUBMIT_DIR",
+    "SUBMITIT_EXECUTOR",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 @dataclass(frozen=True)
@@ -68,20 +81,24 @@ class DistEnv:
 def _from_env(launcher: str) -> DistEnv:
     e = os.environ
     world = int(e["WORLD_SIZE"])
-    return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world)),
-                   launcher)
+    return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world)), launcher)
 
 
 def _export_srun_env() -> None:
     """An srun task without submitit: the env:// variables from SLURM's (as lingua does)."""
     e = os.environ
-    nodes = subprocess.run(["scontrol", "show", "hostnames", e["SLURM_JOB_NODELIST"]], capture_output=True,
-                           text=True, check=True).stdout.split()
+    nodes = subprocess.run(
+        ["scontrol", "show", "hostnames", e["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+    ).stdout.split()
     ntasks, nnodes = int(e["SLURM_NTASKS"]), int(e.get("SLURM_JOB_NUM_NODES", 1))
     e.setdefault("MASTER_ADDR", nodes[0])
     e.setdefault("MASTER_PORT", str(20000 + int(e["SLURM_JOB_ID"]) % 40000))  # same on every task of the job
-    e.update(RANK=e["SLURM_PROCID"], WORLD_SIZE=str(ntasks), LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
-             LOCAL_WORLD_SIZE=str(ntasks // nnodes))
+    e.update(
+        RANK=e["SLURM_PROCID"],
+        WORLD_SIZE=str(ntasks),
+        LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=str(ntasks // nnodes),
+    )
 
 
 def detect_env() -> DistEnv:
@@ -156,8 +173,10 @@ def rank_device(base: torch.device, env: DistEnv, first_index: int = 0) -> torch
         return torch.device("cuda", 0)  # the scheduler bound one GPU to each task (e.g. --gpus-per-task=1)
     index = first_index + env.local_rank
     if index >= torch.cuda.device_count():
-        raise RuntimeError(f"rank {env.rank} needs cuda:{index} but this node shows {torch.cuda.device_count()} "
-                           "GPUs; lower cluster.parallel_jobs or the ranks per node")
+        raise RuntimeError(
+            f"rank {env.rank} needs cuda:{index} but this node shows {torch.cuda.device_count()} "
+            "GPUs; lower cluster.parallel_jobs or the ranks per node"
+        )
     return torch.device("cuda", index)
 
 
@@ -167,8 +186,7 @@ def _hydra_job_num() -> int:
     return int(HydraConfig.get().job.num) if HydraConfig.initialized() else 0
 
 
-def setup_rank(env: DistEnv, base: torch.device, run_dir: Path,
-               parallel_jobs: int | None) -> tuple[torch.device, Path]:
+def setup_rank(env: DistEnv, base: torch.device, run_dir: Path, parallel_jobs: int | None) -> tuple[torch.device, Path]:
     """What a rank does before building anything: wait for its GPU slot (submitit_local sweeps), pick its
     device, join the process group, go quiet unless rank 0. Returns (device, rank 0's run directory)."""
     first = 0
@@ -207,9 +225,10 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def quiet_non_main(env: DistEnv) -> None:
-    """Only rank 0 prints; other ranks keep stderr for warnings and tracebacks."""
+    """Only rank 0 prints and logs progress; other ranks keep warnings, errors and tracebacks."""
     if not env.is_main:
         sys.stdout = open(os.devnull, "w")
+        logging.getLogger("scaletrain").setLevel(logging.WARNING)
 
 
 def parallelize(model: nn.Module, mode: str, device: torch.device, env: DistEnv) -> nn.Module:
@@ -224,14 +243,15 @@ def parallelize(model: nn.Module, mode: str, device: torch.device, env: DistEnv)
 
         # MoE layers may leave an expert without tokens on a rank: its weights get no gradient there
         unused = any(getattr(m, "n_experts", 0) for m in model.modules())
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   find_unused_parameters=bool(unused))
+        return DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(unused)
+        )
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (env.world_size,))
-        for block in model.blocks:
+        for block in cast(nn.ModuleList, model.blocks):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
@@ -273,8 +293,13 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -296,8 +321,11 @@ def cluster_env(env: DistEnv | None = None) -> dict[str, Any]:
             import submitit
 
             paths = submitit.JobEnvironment().paths
-            info.update(submitit_job_id=submitit.JobEnvironment().job_id, log_stdout=str(paths.stdout),
-                        log_stderr=str(paths.stderr))
+            info.update(
+                submitit_job_id=submitit.JobEnvironment().job_id,
+                log_stdout=str(paths.stdout),
+                log_stderr=str(paths.stderr),
+            )
         except Exception as err:  # noqa: BLE001 - a record must never stop a run
             info["submitit_error"] = repr(err)
     return info
@@ -331,7 +359,7 @@ class Preemption:
         self.device, self.signum = device, 0
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is not threading.main_thread():
             return self  # Python takes signal handlers in the main thread only; leave the signals alone
         for s in self.SIGNALS:
@@ -362,8 +390,9 @@ def _requeue_slurm_job(job_id: str, max_requeues: int) -> bool:
     """`scontrol requeue` this job unless it was cancelled (state COMPLETING, not RUNNING: a requeue would
     bring it back) or has been requeued `max_requeues` times. Says why not on stderr."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                           timeout=30).stdout.strip()
+    state = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
     if restarts >= max_requeues:
         why = f"requeued {restarts} times already (cluster.max_requeues)"
     elif state != "RUNNING":

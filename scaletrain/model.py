@@ -5,20 +5,35 @@ counting and FLOPs per token (active parameters for MoE), and sampling. Not here
 replaces the MLP of configured blocks (`moe.py`), parallelism (applied from outside the model,
 torchtitan style), optimizer grouping (`optim.py`, `muon.py`).
 
-Shape legend for tensor names: B batch, T sequence, D d_model, E n_embed (token-embedding width),
-H heads, K head dim, F MLP hidden, V vocabulary.
+The forward pass returns `LMOutput(logits, aux_loss)`: the MoE balancing losses travel with the output
+(summed block by block), so a recomputed block (activation checkpointing) cannot count them twice and
+the training step needs one handle to the model. Shape letters: the legend in scaletrain/__init__.py.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import Activation, MoEConfig, ModelConfig, Norm
+from scaletrain.config import Activation, ModelConfig, MoEConfig, Norm
+from scaletrain.dropout import Dropout
 from scaletrain.moe import MoE, inactive_params, is_moe_layer, moe_matmul_params
+
+
+def mark_residual_out(linear: nn.Linear) -> None:
+    """A projection that writes into the residual stream: its init is scaled (Transformer._init_weights)."""
+    linear.is_residual_out = True  # type: ignore[assignment]  # a plain attribute, not a submodule
+
+
+class LMOutput(NamedTuple):
+    """What `Transformer.forward` returns. A NamedTuple, so DDP, FSDP2 and torch.compile pass it through."""
+
+    logits: torch.Tensor  # [B, T, V], in the autocast dtype if autocast is on
+    aux_loss: torch.Tensor | None  # sum of the MoE layers' balancing losses (coefficients applied); None if dense
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -37,6 +52,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq_P = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles_TP = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq_P)
+        self.cos_TP: torch.Tensor  # buffers (declared for the type checker)
+        self.sin_TP: torch.Tensor
         self.register_buffer("cos_TP", angles_TP.cos().float(), persistent=False)
         self.register_buffer("sin_TP", angles_TP.sin().float(), persistent=False)
 
@@ -60,11 +77,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(D, D, bias=cfg.bias)
         self.wv = nn.Linear(D, D, bias=cfg.bias)
         self.wo = nn.Linear(D, D, bias=cfg.bias)
-        self.wo.is_residual_out = True  # scaled init, see Transformer._init_weights
+        mark_residual_out(self.wo)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rope = rope
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def _heads(self, x_BTD: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         w_HKD = proj.weight.view(self.n_heads, self.head_dim, -1)
@@ -73,7 +90,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         q_BTHK, k_BTHK, v_BTHK = (self._heads(x_BTD, p) for p in (self.wq, self.wk, self.wv))
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q_BTHK, k_BTHK = self.q_norm(q_BTHK), self.k_norm(k_BTHK)
         q_BTHK, k_BTHK = self.rope(q_BTHK), self.rope(k_BTHK)
         o_BHTK = F.scaled_dot_product_attention(
@@ -100,12 +117,12 @@ class MLP(nn.Module):
         self.w_in = nn.Linear(D, Fh, bias=cfg.bias)
         self.w_gate = nn.Linear(D, Fh, bias=cfg.bias) if cfg.activation == Activation.swiglu else None
         self.w_out = nn.Linear(Fh, D, bias=cfg.bias)
-        self.w_out.is_residual_out = True
-        self.dropout = nn.Dropout(cfg.dropout)
+        mark_residual_out(self.w_out)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         h_BTF = self.w_in(x_BTD)
-        if self.activation == Activation.swiglu:
+        if self.w_gate is not None:  # swiglu
             h_BTF = F.silu(self.w_gate(x_BTD)) * h_BTF
         elif self.activation == Activation.gelu:
             h_BTF = F.gelu(h_BTF)
@@ -123,23 +140,28 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, rope)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = MoE(cfg, moe_cfg, layer_idx) if is_moe_layer(layer_idx, moe_cfg) else MLP(cfg)
+        self.mlp = (
+            MoE(cfg, moe_cfg, layer_idx) if moe_cfg is not None and is_moe_layer(layer_idx, moe_cfg) else MLP(cfg)
+        )
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (output, this block's MoE aux loss or None): the loss is read right after the MoE forward that
+        made it and returned, never collected from module attributes later."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return x_BTD, (self.mlp.aux_loss if isinstance(self.mlp, MoE) else None)
 
 
 class Transformer(nn.Module):
-    """Token embedding [V, E] -> W_e [E -> D] -> blocks -> final norm -> W_ue [D -> V] logits."""
+    """Token embedding [V, C] -> W_e [C -> D] -> blocks -> final norm -> W_ue [D -> V] logits."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, moe_cfg: MoEConfig | None = None):
         super().__init__()
         self.cfg, self.vocab_size, self.max_seq_len = cfg, vocab_size, max_seq_len
-        D, E = cfg.d_model, cfg.n_embed or cfg.d_model
-        self.tok_emb = nn.Embedding(vocab_size, E)
-        self.W_e = nn.Linear(E, D, bias=cfg.bias)
-        self.emb_dropout = nn.Dropout(cfg.dropout)
+        D, C = cfg.d_model, cfg.n_embed or cfg.d_model
+        self.tok_emb = nn.Embedding(vocab_size, C)
+        self.W_e = nn.Linear(C, D, bias=cfg.bias)
+        self.emb_dropout = Dropout(cfg.dropout)
         # One RoPE table shared by all layers (a buffer, so it follows .to(device)).
         self.rope = RotaryEmbedding(D // cfg.n_heads, max_seq_len, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, self.rope, moe_cfg, i) for i in range(cfg.n_layers))
@@ -161,12 +183,15 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, idx_BT: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> logits [B, T, V] (in the autocast dtype if autocast is on)."""
+    def forward(self, idx_BT: torch.Tensor) -> LMOutput:
+        """Token ids [B, T] -> LMOutput(logits [B, T, V], MoE aux loss summed over blocks or None)."""
         x_BTD = self.emb_dropout(self.W_e(self.tok_emb(idx_BT)))
+        aux = None
         for block in self.blocks:
-            x_BTD = block(x_BTD)
-        return self.W_ue(self.final_norm(x_BTD))
+            x_BTD, block_aux = block(x_BTD)
+            if block_aux is not None:
+                aux = block_aux if aux is None else aux + block_aux
+        return LMOutput(self.W_ue(self.final_norm(x_BTD)), aux)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts. `embedding` = token embedding + W_e + W_ue (shared tensors counted once);
@@ -209,7 +234,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Sample continuations (no KV cache: fine for the short samples shown during training)."""
         for _ in range(max_new_tokens):
-            logits_BV = self(idx_BT[:, -self.max_seq_len :])[:, -1, :].float()
+            logits_BV = self(idx_BT[:, -self.max_seq_len :]).logits[:, -1, :].float()
             if temperature <= 0:
                 next_B1 = logits_BV.argmax(-1, keepdim=True)
             else:

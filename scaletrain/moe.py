@@ -7,23 +7,35 @@ statistics, and helpers the model / trainer call (`is_moe_layer`, `moe_aux_loss`
 `moe_metrics`, `inactive_params`, `moe_matmul_params`). Not here: expert parallelism (all-to-all),
 the optimizer's treatment of router and expert weights (`optim.py`).
 
-Shape legend (adds to model.py's): N tokens in the micro-batch (B*T), E routed experts, K top_k,
-F expert hidden size, S = N*K routed slots (one per token and choice).
+Shape letters: the package legend (scaletrain/__init__.py): N tokens in the micro-batch (B*T), E routed
+experts, R = top_k choices per token, F expert hidden size, S = R*N routed slots (one per token and choice);
+the grouped GEMM takes rows x_SI to y_SJ through w_EIJ.
 
 Routing. Router logits are computed in fp32 (autocast off). Scores are softmax(logits) or
 sigmoid(logits). Experts are *selected* by top-k of scores + `expert_bias` (aux-loss-free balancing,
 DeepSeek-V3; the bias never enters the gates); gates are the selected scores, renormalized to sum to
-1 when `norm_topk` and K > 1. Capacity (if `capacity_factor` is set) is C = ceil(N*K*cf/E) slots per
+1 when `norm_topk` and R > 1. Capacity (if `capacity_factor` is set) is C = ceil(N*R*cf/E) slots per
 expert; slots are served in priority order "all first choices, then all second choices, ...; within
 a choice rank, by token position n = b*T + t" (Switch / GShard). A dropped slot contributes 0, so a
-token dropped by all its experts passes through the block's residual unchanged.
+token dropped by all its experts passes through the block's residual unchanged. Two consequences:
+- Capacity and dropping are decided on each rank's micro-batch (its N tokens), so which slots drop
+  depends on the number of ranks (and on grad_accum): `balance_scope=global_batch` does not make a
+  run with a capacity factor independent of the rank count; only dropless MoE (capacity_factor=null) is.
+- With R >= 2, capacity is not causal within a sequence: every first choice is served before any
+  second choice, so later tokens' first choices can take the slots an earlier token's second choice
+  needed, and a token's output depends on tokens after it (a generation step, routing other tokens,
+  drops differently). With R = 1 a token competes only with the tokens before it in n order.
 
 Losses (`self.aux_loss`, coefficients applied): load balance alpha * E * sum_e f_e P_e, where f_e
-is the share of the N*K slots routed to e (before capacity) and P_e the mean router probability
+is the share of the N*R slots routed to e (before capacity) and P_e the mean router probability
 (scores normalized per token): Switch's formula with its top-k scaling, equal to alpha when routing is
-uniform, E * alpha at collapse (`balance_scope=global_batch`: f_e counts the tokens of every
-data-parallel rank, so 2 ranks train exactly like 1 process); z-loss coef * mean_n(logsumexp(logits_n)^2). Loads for the bias
-update accumulate over micro-batches until `update_bias()` (once per optimizer step).
+uniform and E/R * alpha at full collapse (every token on the same R experts, which hold all the
+probability: f_e = 1/R there; E * alpha for top-1 only). `balance_scope=global_batch`: f_e counts the
+current micro-batch of every data-parallel rank (grad_accum micro-batches are counted one at a time),
+so a dropless run trains like 1 process on the same global batch on any number of ranks, up to
+rounding (which can flip near-tied top-k choices); with a capacity factor the dropping stays per rank
+(see above). Router z-loss: coef * mean_n(logsumexp(logits_n)^2). Loads for the bias update
+accumulate over micro-batches until `update_bias()` (once per optimizer step).
 """
 
 from __future__ import annotations
@@ -34,9 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import Activation, BalanceScope, MoEConfig, MoEImpl, ModelConfig, RouterScore
+from scaletrain.config import Activation, BalanceScope, ModelConfig, MoEConfig, MoEImpl, RouterScore
+from scaletrain.dropout import Dropout
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.9
+
+
+def _raw_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if _GROUPED_MM is None:  # pick_impl never chooses "grouped" then; a direct caller learns why
+        raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use moe.impl=loop")
+    return _GROUPED_MM(x, w, offs=offs)
 
 
 # --- grouped GEMM as a custom op ------------------------------------------------------------------
@@ -47,41 +66,41 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 @torch.library.custom_op("scaletrain::grouped_mm", mutates_args=())
-def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor, zero_tail: bool) -> torch.Tensor:
+def grouped_mm(x_SI: torch.Tensor, w_EIJ: torch.Tensor, offs_E: torch.Tensor, zero_tail: bool) -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of x times w[e] (offs: int32 cumsum); zero_tail: rows from offs[-1] on are 0."""
-    y_SN = _GROUPED_MM(x_SK, w_EKN, offs=offs_E)
+    y_SJ = _raw_grouped_mm(x_SI, w_EIJ, offs_E)
     if not zero_tail:  # caller guarantees offs[-1] == rows
-        return y_SN
-    rows_S1 = torch.arange(x_SK.shape[0], device=x_SK.device)[:, None]
-    return torch.where(rows_S1 < offs_E[-1], y_SN, 0)
+        return y_SJ
+    rows_S1 = torch.arange(x_SI.shape[0], device=x_SI.device)[:, None]
+    return torch.where(rows_S1 < offs_E[-1], y_SJ, 0)
 
 
 @grouped_mm.register_fake
-def _(x_SK, w_EKN, offs_E, zero_tail):
-    return x_SK.new_empty(x_SK.shape[0], w_EKN.shape[-1])
+def _(x_SI, w_EIJ, offs_E, zero_tail):
+    return x_SI.new_empty(x_SI.shape[0], w_EIJ.shape[-1])
 
 
 @torch.library.custom_op("scaletrain::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(x_SK: torch.Tensor, g_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Per-group x[group].T @ g[group] -> [E, K, N] (0 for empty groups): the weight gradient."""
-    return _GROUPED_MM(x_SK.t(), g_SN, offs=offs_E)
+def grouped_mm_wgrad(x_SI: torch.Tensor, g_SJ: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Per-group x[group].T @ g[group] -> [E, I, J] (0 for empty groups): the weight gradient."""
+    return _raw_grouped_mm(x_SI.t(), g_SJ, offs_E)
 
 
 @grouped_mm_wgrad.register_fake
-def _(x_SK, g_SN, offs_E):
-    return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], g_SN.shape[1])
+def _(x_SI, g_SJ, offs_E):
+    return x_SI.new_empty(offs_E.shape[0], x_SI.shape[1], g_SJ.shape[1])
 
 
 def _grouped_mm_setup(ctx, inputs, output):
-    x_SK, w_EKN, offs_E, ctx.zero_tail = inputs
-    ctx.save_for_backward(x_SK, w_EKN, offs_E)
+    x_SI, w_EIJ, offs_E, ctx.zero_tail = inputs
+    ctx.save_for_backward(x_SI, w_EIJ, offs_E)
 
 
-def _grouped_mm_backward(ctx, g_SN):
-    x_SK, w_EKN, offs_E = ctx.saved_tensors
-    g_SN = g_SN.contiguous()
-    g_x = grouped_mm(g_SN, w_EKN.transpose(-2, -1), offs_E, ctx.zero_tail)
-    return g_x, grouped_mm_wgrad(x_SK, g_SN, offs_E), None, None
+def _grouped_mm_backward(ctx, g_SJ):
+    x_SI, w_EIJ, offs_E = ctx.saved_tensors
+    g_SJ = g_SJ.contiguous()
+    g_x = grouped_mm(g_SJ, w_EIJ.transpose(-2, -1), offs_E, ctx.zero_tail)
+    return g_x, grouped_mm_wgrad(x_SI, g_SJ, offs_E), None, None
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
@@ -147,7 +166,7 @@ class Experts(nn.Module):
                 nn.init.zeros_(b)
 
     def _act(self, h_SF: torch.Tensor, gate_SF: torch.Tensor | None) -> torch.Tensor:
-        if self.activation == Activation.swiglu:
+        if gate_SF is not None:  # swiglu
             return F.silu(gate_SF) * h_SF
         return F.gelu(h_SF) if self.activation == Activation.gelu else F.relu(h_SF)
 
@@ -166,8 +185,10 @@ class Experts(nn.Module):
 
     def one(self, x_SD: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e on all rows of x (the shared experts are stored as one expert)."""
+
         def proj(x, name):
-            return _affine(x, *(None if t is None else t[e].to(dtype) for t in self.projections()[name]))
+            w, b = self.projections()[name]
+            return _affine(x, w[e].to(dtype), None if b is None else b[e].to(dtype))
 
         return self._ffn(x_SD.to(dtype), proj)
 
@@ -176,10 +197,15 @@ class Experts(nn.Module):
         sizes = counts_E.tolist()
         chunks = x_SD.to(dtype).split(sizes + [x_SD.shape[0] - sum(sizes)])
         # unbind once: one stacked gradient per weight, not E zero-filled [E, ...] gradients from w[e]
-        per_e = {name: [t.to(dtype).unbind(0) if t is not None else [None] * len(sizes) for t in wb]
-                 for name, wb in self.projections().items()}
-        outs = [self._ffn(x_e, lambda x, name, e=e: _affine(x, per_e[name][0][e], per_e[name][1][e]))
-                for e, x_e in enumerate(chunks[:-1])]
+        w_e = {name: w.to(dtype).unbind(0) for name, (w, _) in self.projections().items()}
+        b_e = {
+            name: (b.to(dtype).unbind(0) if b is not None else (None,) * len(sizes))
+            for name, (_, b) in self.projections().items()
+        }
+        outs = [
+            self._ffn(x_e, lambda x, name, e=e: _affine(x, w_e[name][e], b_e[name][e]))
+            for e, x_e in enumerate(chunks[:-1])
+        ]
         outs.append(x_SD.new_zeros(chunks[-1].shape[0], x_SD.shape[1], dtype=dtype))
         return torch.cat(outs)
 
@@ -223,7 +249,9 @@ class MoE(nn.Module):
         self.w_router_ED = nn.Parameter(torch.empty(E, D))
         self.experts = Experts(E, D, Fh, cfg.activation, cfg.bias)
         self.shared = Experts(1, D, Fh * moe_cfg.n_shared, cfg.activation, cfg.bias) if moe_cfg.n_shared else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
+        self.expert_bias_E: torch.Tensor  # buffers (declared for the type checker)
+        self.load_acc_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(E))  # saved: part of the model's routing
         self.register_buffer("load_acc_E", torch.zeros(E), persistent=False)  # loads since update_bias
         self.aux_loss = torch.zeros(())
@@ -242,26 +270,26 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        (N, D), K = x_ND.shape, self.top_k
+        (N, D), R = x_ND.shape, self.top_k
         dtype = _compute_dtype(x_ND, self.experts.w_in_EDF)
-        logits_NE, scores_NE, experts_NK, gates_NK = self.route(x_ND)
-        order_S, inv_S, expert_S, weight_KN, kept_E, routed_E = self.plan(experts_NK, gates_NK)
+        logits_NE, scores_NE, experts_NR, gates_NR = self.route(x_ND)
+        order_S, inv_S, expert_S, weight_RN, kept_E, routed_E = self.plan(experts_NR, gates_NR)
         impl, why = pick_impl(self.moe_cfg.impl, x_ND.device, dtype, (D, self.d_expert))
         self.dispatch = f"{impl} ({why})"
-        x_SD = _Permute.apply(x_ND.to(dtype).expand(K, N, D).reshape(K * N, D), order_S, inv_S)
+        x_SD = _Permute.apply(x_ND.to(dtype).expand(R, N, D).reshape(R * N, D), order_S, inv_S)
         if impl == "grouped":
             y_SD = self.experts.grouped(x_SD, kept_E, expert_S, dtype, self.moe_cfg.capacity_factor is not None)
         else:
             y_SD = self.experts.loop(x_SD, kept_E, dtype)
-        y_KND = _Permute.apply(y_SD, inv_S, order_S).view(K, N, D)  # back to slot order s = k*N + n
-        y_ND = (y_KND.float() * weight_KN[..., None]).sum(0).to(dtype)  # (einsum would be a slow tiny-bmm here)
+        y_RND = _Permute.apply(y_SD, inv_S, order_S).view(R, N, D)  # back to slot order s = r*N + n
+        y_ND = (y_RND.float() * weight_RN[..., None]).sum(0).to(dtype)  # (einsum would be a slow tiny-bmm here)
         if self.shared is not None:
             y_ND = y_ND + self.shared.one(x_ND, 0, dtype)
         self._losses_and_stats(logits_NE, scores_NE, kept_E, routed_E)
         return self.dropout(y_ND.view(x_BTD.shape))
 
     def route(self, x_ND: torch.Tensor):
-        """fp32 router -> logits_NE, scores_NE, experts_NK (selected with the bias), gates_NK (without)."""
+        """fp32 router -> logits_NE, scores_NE, experts_NR (selected with the bias), gates_NR (without)."""
         with torch.autocast(x_ND.device.type, enabled=False):
             x_ND = x_ND.float()
             eps = self.moe_cfg.router_jitter
@@ -272,42 +300,48 @@ class MoE(nn.Module):
                 scores_NE = torch.sigmoid(logits_NE)
             else:
                 scores_NE = torch.softmax(logits_NE, dim=-1)
-            experts_NK = torch.topk(scores_NE.detach() + self.expert_bias_E, self.top_k, dim=-1).indices
-            gates_NK = scores_NE.gather(1, experts_NK)
+            experts_NR = torch.topk(scores_NE.detach() + self.expert_bias_E, self.top_k, dim=-1).indices
+            gates_NR = scores_NE.gather(1, experts_NR)
             if self.moe_cfg.norm_topk and self.top_k > 1:
-                gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True).clamp_min(1e-20)
-        return logits_NE, scores_NE, experts_NK, gates_NK
+                gates_NR = gates_NR / gates_NR.sum(-1, keepdim=True).clamp_min(1e-20)
+        return logits_NE, scores_NE, experts_NR, gates_NR
 
-    def plan(self, experts_NK: torch.Tensor, gates_NK: torch.Tensor):
-        """Sort the S = K*N slots (s = k*N + n) by expert; over-capacity slots go last (no host sync).
+    def plan(self, experts_NR: torch.Tensor, gates_NR: torch.Tensor):
+        """Sort the S = R*N slots (s = r*N + n) by expert; over-capacity slots go last (no host sync).
+        Capacity counts this rank's micro-batch only and, with R >= 2, is not causal within a sequence
+        (module docstring).
 
         Returns order_S (slot of each sorted row) and its inverse inv_S, expert_S (expert of each
-        sorted row), weight_KN (gates, 0 where dropped), kept_E (rows each expert serves, in sorted
+        sorted row), weight_RN (gates, 0 where dropped), kept_E (rows each expert serves, in sorted
         order) and routed_E (slots routed to each expert before capacity).
         """
-        N, K = experts_NK.shape
-        E, S = self.n_experts, N * K
-        slot_expert_S = experts_NK.t().reshape(-1)  # k-major: all first choices come first (capacity priority)
-        routed_E = torch.zeros(E, dtype=torch.long, device=experts_NK.device)
+        N, R = experts_NR.shape
+        E, S = self.n_experts, N * R
+        slot_expert_S = experts_NR.t().reshape(-1)  # k-major: all first choices come first (capacity priority)
+        routed_E = torch.zeros(E, dtype=torch.long, device=experts_NR.device)
         routed_E = routed_E.scatter_add(0, slot_expert_S, torch.ones_like(slot_expert_S))
-        kept_E, key_S, weight_KN = routed_E, slot_expert_S, gates_NK.t()
+        kept_E, key_S, weight_RN = routed_E, slot_expert_S, gates_NR.t()
         order_S = torch.argsort(key_S, stable=True)
         if self.moe_cfg.capacity_factor is not None:
             capacity = math.ceil(S * self.moe_cfg.capacity_factor / E)
             start_E = routed_E.cumsum(0) - routed_E
             rank_S = torch.arange(S, device=order_S.device) - start_E[slot_expert_S[order_S]]  # place in its queue
             keep_S = torch.zeros_like(slot_expert_S, dtype=torch.bool).scatter(0, order_S, rank_S < capacity)
-            kept_E, weight_KN = routed_E.clamp(max=capacity), weight_KN * keep_S.view(K, N)
+            kept_E, weight_RN = routed_E.clamp(max=capacity), weight_RN * keep_S.view(R, N)
             order_S = torch.argsort(torch.where(keep_S, slot_expert_S, E), stable=True)  # E: after the last group
         inv_S = torch.empty_like(order_S).scatter(0, order_S, torch.arange(S, device=order_S.device))
-        return order_S, inv_S, slot_expert_S[order_S], weight_KN, kept_E, routed_E
+        return order_S, inv_S, slot_expert_S[order_S], weight_RN, kept_E, routed_E
 
     def _losses_and_stats(self, logits_NE, scores_NE, kept_E, routed_E) -> None:
         mc = self.moe_cfg
         probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True) if mc.score == RouterScore.sigmoid else scores_NE
         shares_E = routed_E.float()
-        if (self.training and mc.balance_scope == BalanceScope.global_batch and torch.distributed.is_available()
-                and torch.distributed.is_initialized()):
+        if (
+            self.training
+            and mc.balance_scope == BalanceScope.global_batch
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             torch.distributed.all_reduce(shares_E)  # counts carry no gradient; P_e stays local (DDP averages)
         frac_E = shares_E / shares_E.sum()
         balance = self.n_experts * (frac_E * probs_NE.mean(0)).sum()  # 1.0 when balanced
@@ -319,9 +353,13 @@ class MoE(nn.Module):
             load_E = routed_E.float()
             entropy = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
             self.stats = {
-                "tokens_per_expert": load_E, "load_max_over_mean": load_E.max() / load_E.mean(),
-                "dropped_frac": 1.0 - kept_E.sum().float() / routed_E.sum(), "aux_loss": balance.detach(),
-                "z_loss": z.detach(), "router_entropy": entropy, "bias_norm": self.expert_bias_E.norm(),
+                "tokens_per_expert": load_E,
+                "load_max_over_mean": load_E.max() / load_E.mean(),
+                "dropped_frac": 1.0 - kept_E.sum().float() / routed_E.sum(),
+                "aux_loss": balance.detach(),
+                "z_loss": z.detach(),
+                "router_entropy": entropy,
+                "bias_norm": self.expert_bias_E.norm(),
             }
 
     @torch.no_grad()
@@ -336,15 +374,18 @@ class MoE(nn.Module):
         load_E.zero_()
 
     def param_counts(self) -> dict[str, int]:
-        """total; active per token (router + shared + K of E routed experts); matmul = active matmul weights."""
+        """total; active per token (router + shared + R of E routed experts); matmul = active matmul weights."""
         routed = sum(p.numel() for p in self.experts.parameters())
         routed_matmul = sum(w.numel() for w in self.experts.matmul_weights())
         shared = sum(p.numel() for p in self.shared.parameters()) if self.shared is not None else 0
         shared_matmul = sum(w.numel() for w in self.shared.matmul_weights()) if self.shared is not None else 0
         router = self.w_router_ED.numel()
-        E, K = self.n_experts, self.top_k
-        return {"total": router + routed + shared, "active": router + shared + routed * K // E,
-                "matmul": router + shared_matmul + routed_matmul * K // E}
+        E, R = self.n_experts, self.top_k
+        return {
+            "total": router + routed + shared,
+            "active": router + shared + routed * R // E,
+            "matmul": router + shared_matmul + routed_matmul * R // E,
+        }
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:

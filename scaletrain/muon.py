@@ -6,7 +6,7 @@ Not here: the LR schedule and plain AdamW (`optim.py`).
 
 What comes from torch and what is written here by hand (torch 2.13):
 - `torch.optim.Muon` accepts 2-D tensors only, always runs Newton-Schulz in bf16 (6-12x slower than
-  fp32 on the 2-core AVX2 dev CPU, which lacks AVX512-BF16) and has no distributed logic, so its step
+  fp32 on a 2-core Zen 3 EPYC, which lacks AVX512-BF16) and has no distributed logic, so its step
   cannot be called.
   Its math is replicated op for op instead (momentum and Nesterov by `lerp`, NS with `addmm`,
   decoupled weight decay with the unadjusted lr, then the shape-adjusted lr); with `ns_dtype="bf16"`
@@ -25,13 +25,15 @@ orthogonalized. Under DDP (plain tensors, gradients already all-reduced) each ra
 share (stacked by shape) and broadcasts it. Momentum buffers stay sharded/local. Other meshes (HSDP,
 TP) fall back to every rank orthogonalizing every gathered matrix (correct, but repeated work).
 
-Shape legend: E leading batch dim of a stack (experts), M rows, N columns of one matrix.
+Shape letters: the package legend (scaletrain/__init__.py); here E is the leading dim of a stack of matrices
+(experts), I and J the rows and columns of one matrix.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adamw import adamw as adamw_functional
 
-from scaletrain.config import OptimConfig
+from scaletrain.config import MuonOptimConfig
 
 # Role -> optimizer group. Decay on the AdamW side follows optim.param_groups: matrices that multiply
 # activations decay; lookup tables, norms and biases do not (so adamw and muon runs differ only in Muon).
@@ -77,8 +79,9 @@ def _role(path: str, module: nn.Module, pname: str, p: Tensor) -> str:
     declared = getattr(module, "optim_roles", {}).get(pname)
     if declared is not None:
         if declared not in ROLE_GROUP:
-            raise ValueError(f"{path}.{pname}: optim_roles names unknown role {declared!r}; "
-                             f"known: {sorted(ROLE_GROUP)}")
+            raise ValueError(
+                f"{path}.{pname}: optim_roles names unknown role {declared!r}; known: {sorted(ROLE_GROUP)}"
+            )
         return declared
     parts = path.split(".")
     in_blocks = parts[0] == "blocks"
@@ -133,9 +136,9 @@ def format_param_split(model: nn.Module) -> str:
 def newton_schulz(
     G: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
 ) -> Tensor:
-    """Approximate orthogonalization U V^T of every matrix in G [..., M, N], returned in `dtype`.
+    """Approximate orthogonalization U V^T of every matrix in G [..., I, J], returned in `dtype`.
 
-    Quintic iteration X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation (M <= N) so
+    Quintic iteration X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation (I <= J) so
     A is the smaller Gram matrix; the output singular values land in about [0.7, 1.2], not exactly 1.
     2-D input runs torch.optim.Muon's exact op sequence; more dims run as one batched (baddbmm) NS.
     """
@@ -152,13 +155,13 @@ def newton_schulz(
             X = torch.addmm(X, B, X, beta=a)
     else:
         lead = X.shape[:-2]
-        X_EMN = X.reshape(-1, *X.shape[-2:])
-        X_EMN = X_EMN / X_EMN.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        X_EIJ = X.reshape(-1, *X.shape[-2:])
+        X_EIJ = X_EIJ / X_EIJ.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
         for _ in range(steps):
-            A_EMM = X_EMN @ X_EMN.mT
-            B_EMM = torch.baddbmm(A_EMM, A_EMM, A_EMM, beta=b, alpha=c)
-            X_EMN = torch.baddbmm(X_EMN, B_EMM, X_EMN, beta=a)
-        X = X_EMN.reshape(*lead, *X_EMN.shape[-2:])
+            A_EII = X_EIJ @ X_EIJ.mT
+            B_EII = torch.baddbmm(A_EII, A_EII, A_EII, beta=b, alpha=c)
+            X_EIJ = torch.baddbmm(X_EIJ, B_EII, X_EIJ, beta=a)
+        X = X_EIJ.reshape(*lead, *X_EIJ.shape[-2:])
     return X.mT if tall else X
 
 
@@ -186,23 +189,61 @@ def ns_dtype_for(setting: str, device: torch.device) -> torch.dtype:
     raise ValueError(f"optim.muon.ns_dtype: expected auto | fp32 | bf16, got {setting!r}")
 
 
-def muon_group(params, *, lr: float, weight_decay: float, momentum: float = 0.95, nesterov: bool = True,
-               ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps: int = 5, eps: float = 1e-7,
-               adjust_lr: str = "original", ns_dtype: str = "auto", layout: str = "out_in") -> dict:
+def muon_group(
+    params,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients=(3.4445, -4.7750, 2.0315),
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    adjust_lr: str = "original",
+    ns_dtype: str = "auto",
+    layout: str = "out_in",
+) -> dict:
     """A Muon parameter group for `MuonWithAdamW`: matrices [out, in] (layout "out_in", nn.Linear) or
     stacks of them; layout "in_out" for stacks [E, in, out] (only `adjust_lr=original` reads it)."""
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"layout: expected out_in | in_out, got {layout!r}")
-    return dict(params=list(params), kind="muon", lr=lr, weight_decay=weight_decay, momentum=momentum,
-                nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
-                adjust_lr=str(adjust_lr), ns_dtype=str(ns_dtype), layout=layout)
+    return dict(
+        params=list(params),
+        kind="muon",
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_coefficients=tuple(ns_coefficients),
+        ns_steps=ns_steps,
+        eps=eps,
+        adjust_lr=str(adjust_lr),
+        ns_dtype=str(ns_dtype),
+        layout=layout,
+    )
 
 
-def adamw_group(params, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                foreach: bool | None = None, fused: bool | None = None) -> dict:
+def adamw_group(
+    params,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas=(0.9, 0.95),
+    eps: float = 1e-8,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> dict:
     """An AdamW parameter group for `MuonWithAdamW` (same hyperparameters as torch.optim.AdamW)."""
-    return dict(params=list(params), kind="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
-                eps=eps, foreach=foreach, fused=fused)
+    return dict(
+        params=list(params),
+        kind="adamw",
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=tuple(betas),
+        eps=eps,
+        foreach=foreach,
+        fused=fused,
+    )
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -270,9 +311,21 @@ class MuonWithAdamW(torch.optim.Optimizer):
             return
         beta1, beta2 = group["betas"]
         adamw_functional(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"], fused=group["fused"],
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )
 
 
@@ -325,9 +378,9 @@ def _ns_stacked(mats: list[Tensor], ns) -> list[Tensor]:
             out[idx[0]] = ns(mats[idx[0]])
             continue
         tall = [mats[i].size(0) > mats[i].size(1) for i in idx]
-        O_EMN = ns(torch.stack([mats[i].mT if t else mats[i] for i, t in zip(idx, tall)]))
-        for i, t, O_MN in zip(idx, tall, O_EMN.unbind(0)):
-            out[i] = O_MN.mT if t else O_MN
+        O_EIJ = ns(torch.stack([mats[i].mT if t else mats[i] for i, t in zip(idx, tall)]))
+        for i, t, O_IJ in zip(idx, tall, O_EIJ.unbind(0)):
+            out[i] = O_IJ.mT if t else O_IJ
     return out
 
 
@@ -373,15 +426,23 @@ def _back_to_shards(o: Tensor, like: Tensor, src: int | None) -> Tensor:
     return o
 
 
-def build_muon(model: nn.Module, cfg: OptimConfig, foreach: bool, fused: bool) -> MuonWithAdamW:
+def build_muon(model: nn.Module, cfg: MuonOptimConfig, foreach: bool, fused: bool) -> MuonWithAdamW:
     """Muon (`cfg.muon`) for hidden matrices; AdamW (`cfg.lr/betas/eps/weight_decay`) for the rest."""
     roles = param_roles(model)
     named = {g: [(r.name, r.param) for r in roles if r.group == g] for g in GROUP_ORDER}
     m = cfg.muon
-    muon_kw = dict(lr=m.lr, weight_decay=m.weight_decay, momentum=m.momentum, nesterov=m.nesterov,
-                   ns_coefficients=tuple(m.ns_coefficients), ns_steps=m.ns_steps, eps=m.eps,
-                   adjust_lr=m.adjust_lr, ns_dtype=m.ns_dtype)
-    adamw_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=foreach, fused=fused)
+    muon_kw: dict[str, Any] = dict(
+        lr=m.lr,
+        weight_decay=m.weight_decay,
+        momentum=m.momentum,
+        nesterov=m.nesterov,
+        ns_coefficients=tuple(m.ns_coefficients),
+        ns_steps=m.ns_steps,
+        eps=m.eps,
+        adjust_lr=str(m.adjust_lr),
+        ns_dtype=str(m.ns_dtype),
+    )  # plain str: checkpoints hold no enums
+    adamw_kw: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=foreach, fused=fused)
     groups = [
         muon_group(named["muon"], **muon_kw, layout="out_in"),
         muon_group(named["muon_experts"], **muon_kw, layout="in_out"),

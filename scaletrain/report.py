@@ -4,25 +4,30 @@ Usage:
     python -m scaletrain.report multirun/2026-01-02/10-11-12        # one Hydra sweep directory
     python -m scaletrain.report --experiment dense_vs_moe [--root multirun]   # its latest sweep
 
-Here: collecting a sweep's jobs (`.hydra/overrides.yaml`, `summary.json`, `metrics.jsonl`, `config.json`),
-judging each job finished / running / failed / stopped / pending, grouping jobs into arms (the overrides
+Here: collecting a sweep's jobs (`.hydra/overrides.yaml`, `summary.json`, `status.json`, `metrics.jsonl`,
+`config.json`, `checkpoints/`), judging each job finished / running / requeued / failed / stopped / pending
+(`JobStatus`), grouping jobs into arms (the overrides
 minus `train.seed`; seeds are replicates), mean and sample std over seeds, Welch's t-test with an exact
 Student-t CDF (regularized incomplete beta, math only: scipy is not a dependency), `report.md` and the
 PNG plots. `build_report()` computes (no writes) and returns a `Report`; `write_report()` writes.
-Not here: launching sweeps (Hydra), what a run logs (trainer.py / metrics.py).
+Not here: launching sweeps (Hydra), what a run logs (trainer.py / metrics.py), the names, states and
+fields of the records (records.py, shared with their writers).
 
-How a job without summary.json is judged, first match wins:
-  failed   `status.json` with state "failed" (or, when there is no status.json, an `error.txt` or `failed`
-           file in the job directory), or a submitit result in `<sweep>/.submitit/` recording an error
-           for that job number, or (Hydra's basic launcher, which runs jobs one at a time and writes no
-           error anywhere on disk) a later job of the sweep has started;
-  stopped  `status.json` says "interrupted", or says "running" for a pid on this host that is gone,
-           or nothing in the job directory was written for `stale_after_s` (default 30 min): killed,
-           preempted, or failed under Hydra's basic launcher, which records failures nowhere on disk;
-  running  something in the job directory (metrics.jsonl, checkpoints/, status.json, ...) was written
-           within `stale_after_s`;
-  pending  listed in the sweep grid of `multirun.yaml` (basic sweeper) but no job directory exists.
-Tables and tests use finished seeds only; the curves also show running seeds (a live view of a sweep).
+How a job is judged, first match wins:
+  finished  summary.json is there (a summary.json that is not a `records.Summary` makes the job failed);
+  failed    `status.json` with state "failed" (its `error` is the detail), or a submitit result in
+            `<sweep>/.submitit/` recording an error for that job number, or status.json says "finished"
+            but summary.json is missing, or (Hydra's basic launcher, which runs jobs one at a time and
+            writes no error anywhere on disk) a later job of the sweep has started;
+  requeued  `status.json` says "requeued": preempted, checkpoint saved, the job waits in the scheduler's
+            queue and resumes from its latest checkpoint;
+  stopped   `status.json` says "interrupted", or says "running" for a pid on this host that is gone,
+            or nothing in the job directory was written for `stale_after_s` (default 30 min): killed,
+            preempted, or failed under Hydra's basic launcher, which records failures nowhere on disk;
+  running   something in the job directory (metrics.jsonl, checkpoints/, status.json, ...) was written
+            within `stale_after_s`;
+  pending   listed in the sweep grid of `multirun.yaml` (basic sweeper) but no job directory exists.
+Tables and tests use finished seeds only; the curves also show running and requeued seeds (a live view).
 """
 
 from __future__ import annotations
@@ -37,13 +42,19 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
+from scaletrain import records
+from scaletrain.records import RunState, Status, Summary
+
 SEED_KEYS = ("train.seed",)
+# Summary fields an arm reports (mean and std over finished seeds)
 SUMMARY_STATS = ("val_loss", "val_bpb", "tokens_seen", "flops", "wallclock_s", "params_total", "params_active")
 FIG_SIZE_IN, FIG_DPI = (12, 8), 100  # every plot is 1200 x 800 pixels
 MAX_PAIRWISE_ARMS = 4  # up to 4 arms: all 6 pairs; more: each arm vs the baseline only
@@ -146,6 +157,17 @@ def welch_test(a: list[float], b: list[float]) -> Welch:
 # Collecting jobs
 
 
+class JobStatus(StrEnum):
+    """What the report concludes about a job from its records (rules in the module docstring)."""
+
+    finished = "finished"
+    running = "running"
+    requeued = "requeued"
+    failed = "failed"
+    stopped = "stopped"
+    pending = "pending"
+
+
 @dataclass
 class Job:
     """One job of the sweep: its directory (None while pending), overrides, status and records."""
@@ -153,9 +175,9 @@ class Job:
     dir: Path | None
     num: int | None
     overrides: list[str]
-    status: str  # finished | running | failed | stopped | pending
+    status: JobStatus
     detail: str = ""
-    summary: dict[str, Any] | None = None
+    summary: Summary | None = None
     config: dict[str, Any] = field(default_factory=dict)
     val_curve: list[tuple[int, int, float]] = field(default_factory=list)  # (step, tokens, val loss)
     moe_load: list[tuple[int, float]] = field(default_factory=list)  # (step, moe/load_max_over_mean)
@@ -198,19 +220,21 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _curves(records: list[dict[str, Any]], summary: dict | None) -> tuple[list, list, int | None]:
+def _curves(metrics: list[dict[str, Any]], summary: Summary | None) -> tuple[list, list, int | None]:
     """Validation curve (step, tokens, loss), MoE load curve, last step. Validation records carry no token
     count, so tokens = step * tokens per step, taken from the summary or from any train record."""
-    per_step = None
-    if summary and summary.get("step"):
-        per_step = summary["tokens_seen"] / summary["step"]
-    for r in records:
-        if per_step is None and r.get("train/tokens") and r.get("step"):
-            per_step = r["train/tokens"] / r["step"]
-    val = [(r["step"], round(r["step"] * per_step), r["val/loss"])
-           for r in records if "val/loss" in r and per_step is not None]
-    moe = [(r["step"], r["moe/load_max_over_mean"]) for r in records if "moe/load_max_over_mean" in r]
-    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    step, tokens = records.STEP, records.TRAIN_TOKENS
+    per_step = summary.tokens_seen / summary.step if summary and summary.step else None
+    for r in metrics:
+        if per_step is None and r.get(tokens) and r.get(step):
+            per_step = r[tokens] / r[step]
+    val = [
+        (r[step], round(r[step] * per_step), r[records.VAL_LOSS])
+        for r in metrics
+        if records.VAL_LOSS in r and per_step is not None
+    ]
+    moe = [(r[step], r[records.MOE_LOAD_MAX_OVER_MEAN]) for r in metrics if records.MOE_LOAD_MAX_OVER_MEAN in r]
+    steps = [r[step] for r in metrics if isinstance(r.get(step), int)]
     return val, moe, max(steps) if steps else None
 
 
@@ -235,47 +259,77 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _last_write(job_dir: Path) -> float:
-    """Newest mtime among the files a live run keeps writing (checkpoints land in checkpoints/)."""
-    paths = [job_dir / n for n in ("metrics.jsonl", "status.json", "run.log", "config.json")]
-    paths += list((job_dir / "checkpoints").glob("*"))
+    """Newest mtime among the files a live run keeps writing (checkpoints land in checkpoints/; run.log is
+    Hydra's log of `python -m scaletrain.run`)."""
+    paths = [job_dir / n for n in (records.METRICS_FILE, records.STATUS_FILE, "run.log", records.CONFIG_FILE)]
+    paths += list((job_dir / records.CKPT_DIR).glob("*"))
     return max((p.stat().st_mtime for p in paths if p.exists()), default=job_dir.stat().st_mtime)
 
 
-def _failure_marker(job_dir: Path, status: dict | None) -> str | None:
-    """The error a job recorded about itself, if any. status.json, when there, is authoritative: a job resumed
-    after a failure rewrites it, while an old error.txt could linger."""
-    if status is not None:
-        return str(status.get("error") or "status.json: failed") if status.get("state") == "failed" else None
-    for name in ("error.txt", "failed"):
-        path = job_dir / name
-        if path.exists():
-            lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-            return f"{name}: {lines[-1].strip()}" if lines else name
+def _latest_checkpoint(job_dir: Path) -> str | None:
+    """Name of the checkpoint `train.resume=auto` would take (either format), if any."""
+    ckpts = records.list_checkpoints(job_dir / records.CKPT_DIR)
+    return ckpts[-1].name if ckpts else None
+
+
+def _resume_hint(job_dir: Path) -> str:
+    latest = _latest_checkpoint(job_dir)
+    return f"; resume from {latest} with train.resume=auto" if latest else ""
+
+
+def _read_status(job_dir: Path) -> Status | None:
+    try:
+        return records.read_status(job_dir)
+    except ValueError:  # not a status this version knows: judged as if there were none
+        return None
+
+
+def _judge_status(job_dir: Path, status: Status) -> tuple[JobStatus, str] | None:
+    """What status.json alone says about a job without a summary; None where only the write age can tell."""
+    error = f": {status.error}" if status.error else ""
+    if status.state == RunState.failed:
+        return JobStatus.failed, status.error or f"{records.STATUS_FILE}: failed at step {status.step}"
+    if status.state == RunState.finished:
+        return JobStatus.failed, (
+            f"{records.STATUS_FILE} says finished at step {status.step}, but there is no {records.SUMMARY_FILE}"
+        )
+    if status.state == RunState.requeued:
+        since = f" since {status.updated_at}" if status.updated_at else ""
+        latest = _latest_checkpoint(job_dir)
+        return JobStatus.requeued, (
+            f"preempted at step {status.step} and requeued{since}: waits in the scheduler's "
+            f"queue" + (f", resumes from {latest}" if latest else "")
+        )
+    if status.state == RunState.interrupted:
+        return JobStatus.stopped, f"interrupted at step {status.step}{error}{_resume_hint(job_dir)}"
+    if status.host == socket.gethostname() and isinstance(status.pid, int) and not _pid_alive(status.pid):
+        return JobStatus.stopped, f"process {status.pid} on this host is gone without a summary or an error record"
     return None
 
 
-def judge(job_dir: Path, summary: dict | None, submitit_error: str | None, now: float,
-          stale_after_s: float) -> tuple[str, str]:
-    """(status, detail) of one job directory; the rules are listed in the module docstring."""
+def judge(
+    job_dir: Path, summary: Summary | None, outside_error: str | None, now: float, stale_after_s: float
+) -> tuple[JobStatus, str]:
+    """(status, detail) of one job directory; the rules are listed in the module docstring. `outside_error`
+    is an error recorded outside the job's own status (submitit, an unreadable summary.json)."""
     if summary is not None:
-        return "finished", ""
-    status = _read_json(job_dir / "status.json")
-    status = status if isinstance(status, dict) else None
-    error = _failure_marker(job_dir, status) or submitit_error
-    if error:
-        return "failed", error
-    if status and status.get("state") == "interrupted":
-        return "stopped", f"interrupted: {status.get('error', '')}".rstrip(": ")
-    if status and status.get("state") == "running" and status.get("host") == socket.gethostname() \
-            and isinstance(status.get("pid"), int) and not _pid_alive(status["pid"]):
-        return "stopped", f"process {status['pid']} on this host is gone without a summary or an error record"
+        return JobStatus.finished, ""
+    status = _read_status(job_dir)
+    if status is not None and status.state == RunState.failed:  # the job's own words first
+        verdict = _judge_status(job_dir, status)
+        if verdict is not None:
+            return verdict
+    if outside_error:
+        return JobStatus.failed, outside_error
+    if status is not None and (verdict := _judge_status(job_dir, status)):
+        return verdict
     age = now - _last_write(job_dir)
     if age <= stale_after_s:
-        return "running", f"last write {_fmt_age(age)} ago"
-    ckpts = sorted((job_dir / "checkpoints").glob("step_*.pt"))
-    resume = f"; resume from {ckpts[-1].name} with train.resume=auto" if ckpts else ""
-    return "stopped", (f"no write for {_fmt_age(age)} and no error record: killed, preempted, or failed under a "
-                       f"launcher that records nothing{resume}")
+        return JobStatus.running, f"last write {_fmt_age(age)} ago"
+    return JobStatus.stopped, (
+        f"no write for {_fmt_age(age)} and no error record: killed, preempted, or failed "
+        f"under a launcher that records nothing{_resume_hint(job_dir)}"
+    )
 
 
 def _submitit_failures(sweep_dir: Path) -> dict[int, str]:
@@ -309,7 +363,7 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(sweep_dir):
         here = Path(root)
-        if here != sweep_dir and ((here / ".hydra" / "overrides.yaml").exists() or "config.json" in files):
+        if here != sweep_dir and ((here / ".hydra" / "overrides.yaml").exists() or records.CONFIG_FILE in files):
             found.append(here)
             dirs.clear()  # nothing below a job directory is another job
             continue
@@ -323,14 +377,19 @@ def read_job(job_dir: Path, now: float, stale_after_s: float, submitit: dict[int
         overrides = [str(o) for o in yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []]
     except (OSError, yaml.YAMLError):
         pass
-    summary = _read_json(job_dir / "summary.json")
-    summary = summary if isinstance(summary, dict) else None
+    try:
+        summary, summary_error = records.read_summary(job_dir), None
+    except ValueError as err:
+        summary, summary_error = None, f"{records.SUMMARY_FILE}: {err}"
     num = _job_num(job_dir)
-    status, detail = judge(job_dir, summary, submitit.get(num), now, stale_after_s)
-    val, moe, last = _curves(_read_metrics(job_dir / "metrics.jsonl"), summary)
-    config = _read_json(job_dir / "config.json")
-    return Job(job_dir, num, overrides, status, detail, summary, config if isinstance(config, dict) else {},
-               val, moe, last)
+    status, detail = judge(
+        job_dir, summary, summary_error or (submitit.get(num) if num is not None else None), now, stale_after_s
+    )
+    val, moe, last = _curves(_read_metrics(job_dir / records.METRICS_FILE), summary)
+    config = _read_json(job_dir / records.CONFIG_FILE)
+    return Job(
+        job_dir, num, overrides, status, detail, summary, config if isinstance(config, dict) else {}, val, moe, last
+    )
 
 
 def _multirun(sweep_dir: Path, key: str) -> Any:
@@ -371,11 +430,21 @@ def _sequential_failures(sweep_dir: Path, jobs: list[Job]) -> None:
         return
     started = max((j.num for j in jobs if j.dir is not None and j.num is not None), default=-1)
     for j in jobs:
-        if j.status in ("running", "stopped") and j.num is not None and j.num < started \
-                and not (j.dir / "status.json").exists():  # the job's own record wins
-            j.status, j.detail = "failed", (f"no summary.json, and job {started} of this sequential (basic "
-                                            "launcher) sweep started after it; the traceback went to the "
-                                            "sweep's console")
+        if (
+            j.status in (JobStatus.running, JobStatus.stopped)
+            and j.num is not None
+            and j.num < started
+            and j.dir is not None
+            and not (j.dir / records.STATUS_FILE).exists()
+        ):  # the job's own record wins
+            j.status, j.detail = (
+                JobStatus.failed,
+                (
+                    f"no {records.SUMMARY_FILE}, and job {started} of this sequential "
+                    "(basic launcher) sweep started after it; the traceback went to "
+                    "the sweep's console"
+                ),
+            )
 
 
 def collect_jobs(sweep_dir: Path, now: float | None = None, stale_after_s: float = 1800.0) -> list[Job]:
@@ -387,11 +456,14 @@ def collect_jobs(sweep_dir: Path, now: float | None = None, stale_after_s: float
     seen = {j.num for j in jobs}
     for num, overrides in enumerate(expected_overrides(sweep_dir) or []):
         if num not in seen:  # submitit may have recorded a failure before the job made its directory
-            status = ("failed", submitit[num]) if num in submitit else \
-                ("pending", "not started: queued, or the sweep stopped before it")
+            status = (
+                (JobStatus.failed, submitit[num])
+                if num in submitit
+                else (JobStatus.pending, "not started: queued, or the sweep stopped before it")
+            )
             jobs.append(Job(None, num, overrides, *status))
             seen.add(num)
-    jobs += [Job(None, num, [], "failed", error) for num, error in submitit.items() if num not in seen]
+    jobs += [Job(None, num, [], JobStatus.failed, error) for num, error in submitit.items() if num not in seen]
     return sorted(jobs, key=lambda j: (j.num is None, j.num if j.num is not None else 0, str(j.dir)))
 
 
@@ -426,10 +498,11 @@ class Arm:
 
     @property
     def finished(self) -> list[Job]:
-        return [j for j in self.jobs if j.status == "finished"]
+        return [j for j in self.jobs if j.status == JobStatus.finished]
 
     def stat(self, key: str) -> Stat:
-        return Stat(tuple(float(j.summary[key]) for j in self.finished if j.summary.get(key) is not None))
+        """Over the finished seeds; `key` is a `records.Summary` field."""
+        return Stat(tuple(float(v) for j in self.finished if (v := getattr(j.summary, key)) is not None))
 
 
 @dataclass
@@ -442,9 +515,14 @@ class Comparison:
     sentence: str
 
 
+def _key_value(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key, value
+
+
 def _varying_keys(jobs: list[Job]) -> list[str]:
     """Override keys whose value differs between jobs (or that only some jobs set), seed excluded."""
-    per_job = [dict(o.partition("=")[::2] for o in j.arm_key) for j in jobs]
+    per_job = [dict(_key_value(o) for o in j.arm_key) for j in jobs]
     keys = sorted({k for d in per_job for k in d})
     return [k for k in keys if len({d.get(k) for d in per_job}) > 1]
 
@@ -457,7 +535,7 @@ def group_arms(jobs: list[Job]) -> tuple[list[Arm], list[str]]:
         if not job.overrides and job.dir is None:
             continue  # a submitit failure with no known overrides: listed under jobs not finished only
         if job.arm_key not in arms:
-            values = dict(o.partition("=")[::2] for o in job.arm_key)
+            values = dict(_key_value(o) for o in job.arm_key)
             if len(axes) == 1:
                 label = values.get(axes[0], "(default)")
             else:
@@ -473,24 +551,42 @@ def compare(arm: Arm, base: Arm, alpha: float = 0.05) -> Comparison:
     head = f"{arm.label} vs {base.label}"
     if not a or not b:
         missing = arm.label if not a else base.label
-        return Comparison(arm.label, base.label, None, None, None,
-                          f"{head}: no finished seed in {missing}; see Jobs not finished")
+        return Comparison(
+            arm.label, base.label, None, None, None, f"{head}: no finished seed in {missing}; see Jobs not finished"
+        )
     diff = statistics.fmean(a) - statistics.fmean(b)
     if len(a) < 2 or len(b) < 2:
-        return Comparison(arm.label, base.label, diff, None, None,
-                          f"{head}: {diff:+.4f} ({len(a)} vs {len(b)} seeds) — no significance can be computed "
-                          f"with one seed in an arm; run more seeds")
+        return Comparison(
+            arm.label,
+            base.label,
+            diff,
+            None,
+            None,
+            f"{head}: {diff:+.4f} ({len(a)} vs {len(b)} seeds) — no significance can be computed "
+            f"with one seed in an arm; run more seeds",
+        )
     try:
         w = welch_test(list(a), list(b))
     except ValueError:
-        return Comparison(arm.label, base.label, diff, None, None,
-                          f"{head}: {diff:+.4f} — seeds gave identical losses (zero variance), so no test; "
-                          f"check that train.seed changes the run")
+        return Comparison(
+            arm.label,
+            base.label,
+            diff,
+            None,
+            None,
+            f"{head}: {diff:+.4f} — seeds gave identical losses (zero variance), so no test; "
+            f"check that train.seed changes the run",
+        )
     p_text = "p<0.0001" if w.p < 1e-4 else f"p={w.p:.2g}"
-    verdict = f"{arm.label if diff < 0 else base.label} is better" if w.p < alpha \
-        else "within noise; more seeds needed"
-    return Comparison(arm.label, base.label, diff, w.ci95, w.p,
-                      f"{head}: {diff:+.4f} ± {w.ci95:.4f} ({p_text}, {len(a)} vs {len(b)} seeds) — {verdict}")
+    verdict = f"{arm.label if diff < 0 else base.label} is better" if w.p < alpha else "within noise; more seeds needed"
+    return Comparison(
+        arm.label,
+        base.label,
+        diff,
+        w.ci95,
+        w.p,
+        f"{head}: {diff:+.4f} ± {w.ci95:.4f} ({p_text}, {len(a)} vs {len(b)} seeds) — {verdict}",
+    )
 
 
 def comparisons(arms: list[Arm], baseline: str | None = None) -> list[Comparison]:
@@ -519,7 +615,7 @@ class Report:
 
     @property
     def unfinished(self) -> list[Job]:
-        return [j for j in self.jobs if j.status != "finished"]
+        return [j for j in self.jobs if j.status != JobStatus.finished]
 
     def arm(self, label: str) -> Arm:
         for a in self.arms:
@@ -530,9 +626,12 @@ class Report:
     def markdown(self, plots: Sequence[str] = ()) -> str:
         parts = [_header(self), _arm_table(self), _comparison_section(self), _unfinished_section(self)]
         if plots:
-            parts.append("## Plots\n\nMean over the finished and running seeds of each arm at each evaluated step; "
-                         "the shaded band spans their min to max.\n\n"
-                         + "\n".join(f"![{Path(p).stem}]({p})" for p in plots) + "\n")
+            parts.append(
+                "## Plots\n\nMean over the finished and running seeds of each arm at each evaluated step; "
+                "the shaded band spans their min to max.\n\n"
+                + "\n".join(f"![{Path(p).stem}]({p})" for p in plots)
+                + "\n"
+            )
         return "\n".join(parts)
 
 
@@ -540,13 +639,17 @@ def _sweep_experiment(sweep_dir: Path, jobs: list[Job] | None = None) -> str | N
     """`experiment` from multirun.yaml (written at sweep start), else from any job's config.json."""
     if name := _multirun(sweep_dir, "experiment"):
         return str(name)
-    configs = [j.config for j in jobs] if jobs is not None else \
-        [_read_json(d / "config.json") or {} for d in _job_dirs(sweep_dir)]
+    configs = (
+        [j.config for j in jobs]
+        if jobs is not None
+        else [_read_json(d / records.CONFIG_FILE) or {} for d in _job_dirs(sweep_dir)]
+    )
     return next((str(c["experiment"]) for c in configs if c.get("experiment")), None)
 
 
-def build_report(sweep_dir: str | Path, baseline: str | None = None, stale_after_s: float = 1800.0,
-                 now: float | None = None) -> Report:
+def build_report(
+    sweep_dir: str | Path, baseline: str | None = None, stale_after_s: float = 1800.0, now: float | None = None
+) -> Report:
     """Read a sweep directory into a Report (writes nothing). `baseline` names an arm label."""
     sweep_dir = Path(sweep_dir).resolve()
     if not sweep_dir.is_dir():
@@ -580,13 +683,15 @@ def _fmt_pm(stat: Stat, fmt: str = ".4f") -> str:
 
 
 def _header(r: Report) -> str:
-    counts = {s: sum(j.status == s for j in r.jobs) for s in ("finished", "running", "failed", "stopped", "pending")}
+    counts = {s: sum(j.status == s for j in r.jobs) for s in JobStatus}
     lines = [f"# Sweep report: {r.sweep_dir}", ""]
     if r.experiment:
         lines.append(f"Experiment: `{r.experiment}`  ")
     lines.append(f"Jobs: {len(r.jobs)} (" + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ")  ")
-    lines.append(f"Arms differ in: {', '.join(f'`{k}`' for k in r.axes) or 'nothing (one arm)'}; "
-                 f"seeds (`{'`, `'.join(SEED_KEYS)}`) are replicates.  ")
+    lines.append(
+        f"Arms differ in: {', '.join(f'`{k}`' for k in r.axes) or 'nothing (one arm)'}; "
+        f"seeds (`{'`, `'.join(SEED_KEYS)}`) are replicates.  "
+    )
     shared = sorted(set.intersection(*(set(a.overrides) for a in r.arms))) if r.arms else []
     if shared:
         lines.append("Shared overrides: " + " ".join(f"`{o}`" for o in shared))
@@ -594,45 +699,63 @@ def _header(r: Report) -> str:
 
 
 def _arm_table(r: Report) -> str:
-    rows = ["## Results per arm", "",
-            "Finished seeds only: mean ± sample standard deviation (n - 1) over seeds; tokens, FLOPs and "
-            "parameters are means.", "",
-            "| arm | seeds finished | val loss | val bpb | tokens | FLOPs | wall time (s) | params total "
-            "| params active |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "## Results per arm",
+        "",
+        "Finished seeds only: mean ± sample standard deviation (n - 1) over seeds; tokens, FLOPs and "
+        "parameters are means.",
+        "",
+        "| arm | seeds finished | val loss | val bpb | tokens | FLOPs | wall time (s) | params total | params active |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for a in r.arms:
-        rows.append(f"| {a.label} | {len(a.finished)}/{len(a.jobs)} | {_fmt_pm(a.stat('val_loss'))} "
-                    f"| {_fmt_pm(a.stat('val_bpb'))} | {_fmt_si(a.stat('tokens_seen').mean)} "
-                    f"| {_fmt_si(a.stat('flops').mean)} | {_fmt_pm(a.stat('wallclock_s'), '.1f')} "
-                    f"| {_fmt_si(a.stat('params_total').mean)} | {_fmt_si(a.stat('params_active').mean)} |")
+        rows.append(
+            f"| {a.label} | {len(a.finished)}/{len(a.jobs)} | {_fmt_pm(a.stat('val_loss'))} "
+            f"| {_fmt_pm(a.stat('val_bpb'))} | {_fmt_si(a.stat('tokens_seen').mean)} "
+            f"| {_fmt_si(a.stat('flops').mean)} | {_fmt_pm(a.stat('wallclock_s'), '.1f')} "
+            f"| {_fmt_si(a.stat('params_total').mean)} | {_fmt_si(a.stat('params_active').mean)} |"
+        )
     return "\n".join(rows) + "\n"
 
 
 def _comparison_section(r: Report) -> str:
     if not r.comparisons:
         return "## Differences in val loss\n\nOnly one arm: nothing to compare.\n"
-    lines = ["## Differences in val loss", "",
-             "Arm minus baseline (lower is better); ± is the half-width of the 95% confidence interval; "
-             "p from Welch's two-sided t-test over seeds (exact Student-t)"
-             + (f", not corrected for {len(r.comparisons)} comparisons." if len(r.comparisons) > 1 else "."), ""]
+    lines = [
+        "## Differences in val loss",
+        "",
+        "Arm minus baseline (lower is better); ± is the half-width of the 95% confidence interval; "
+        "p from Welch's two-sided t-test over seeds (exact Student-t)"
+        + (f", not corrected for {len(r.comparisons)} comparisons." if len(r.comparisons) > 1 else "."),
+        "",
+    ]
     lines += [f"- {c.sentence}" for c in r.comparisons]
     return "\n".join(lines) + "\n"
 
 
 def _unfinished_section(r: Report) -> str:
     if not r.unfinished:
-        return "## Jobs not finished\n\nNone: every job wrote summary.json.\n"
+        return f"## Jobs not finished\n\nNone: every job wrote {records.SUMMARY_FILE}.\n"
     arm_of = {id(j): a.label for a in r.arms for j in a.jobs}
-    rows = ["## Jobs not finished", "",
-            "failed: the job recorded an error (status.json, error.txt, `failed`, submitit), or a later job of a "
-            "sequential basic-launcher sweep started; running: written to recently; stopped: silent for too "
-            "long with no error record; pending: in the sweep grid, no directory yet.", "",
-            "| job | status | arm | seed | last step | detail | directory |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "## Jobs not finished",
+        "",
+        "failed: the job recorded an error (status.json, submitit), or a later job of a sequential "
+        "basic-launcher sweep started; running: written to recently; requeued: preempted, waits in the "
+        "scheduler's queue to resume from its checkpoint; stopped: interrupted, or silent for too long with "
+        "no error record; pending: in the sweep grid, no directory yet.",
+        "",
+        "| job | status | arm | seed | last step | detail | directory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for j in r.unfinished:
         max_steps = j.config.get("train", {}).get("max_steps")
         step = "—" if j.last_step is None else f"{j.last_step}" + (f"/{max_steps}" if max_steps else "")
         detail = j.detail.replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| {'?' if j.num is None else j.num} | {j.status} | {arm_of.get(id(j), '—')} "
-                    f"| {j.seed or '—'} | {step} | {detail} | {j.dir or '—'} |")
+        rows.append(
+            f"| {'?' if j.num is None else j.num} | {j.status} | {arm_of.get(id(j), '—')} "
+            f"| {j.seed or '—'} | {step} | {detail} | {j.dir or '—'} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -654,19 +777,20 @@ def _band(series: list[dict[int, tuple[float, float]]]) -> tuple[list[float], ..
 
 
 def _arm_series(arm: Arm, kind: str) -> list[dict[int, tuple[float, float]]]:
-    """One {step: (x, y)} per finished or running seed; kind is tokens, flops or moe."""
-    fpts = [j.summary["flops_per_token"] for j in arm.finished if j.summary.get("flops_per_token")]
+    """One {step: (x, y)} per finished, running or requeued seed; kind is tokens, flops or moe."""
+    fpts = [j.summary.flops_per_token for j in arm.finished if j.summary and j.summary.flops_per_token]
     series = []
     for job in arm.jobs:
-        if job.status not in ("finished", "running"):
+        if job.status not in (JobStatus.finished, JobStatus.running, JobStatus.requeued):
             continue
         if kind == "moe":
             series.append({s: (s, v) for s, v in job.moe_load})
             continue
-        fpt = (job.summary or {}).get("flops_per_token") or (fpts[0] if fpts else None)
+        fpt = (job.summary.flops_per_token if job.summary else None) or (fpts[0] if fpts else None)
         if kind == "flops" and fpt is None:
             continue  # a running seed of an arm with no summary yet has no FLOPs per token to scale by
-        series.append({s: (tok * fpt if kind == "flops" else tok, loss) for s, tok, loss in job.val_curve})
+        scale = fpt if kind == "flops" and fpt is not None else 1.0  # x: FLOPs, or tokens
+        series.append({s: (tok * scale, loss) for s, tok, loss in job.val_curve})
     return [s for s in series if s]
 
 
@@ -692,8 +816,12 @@ def _plot(report: Report, kind: str, path: Path) -> Path | None:
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     else:
         ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{report.experiment or report.sweep_dir.name}: "
-           f"{ylabel} vs {xlabel.split(' (')[0]} (mean over seeds, min-max shaded)")
+    ax.set(
+        xlabel=xlabel,
+        ylabel=ylabel,
+        title=f"{report.experiment or report.sweep_dir.name}: "
+        f"{ylabel} vs {xlabel.split(' (')[0]} (mean over seeds, min-max shaded)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.savefig(path)  # no bbox_inches="tight": the file is exactly FIG_SIZE_IN * FIG_DPI pixels
@@ -706,8 +834,11 @@ def write_report(report: Report, out_dir: str | Path | None = None, plots: bool 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if plots:
-        for kind, name in (("tokens", "val_loss_vs_tokens.png"), ("flops", "val_loss_vs_flops.png"),
-                           ("moe", "moe_load_balance.png")):
+        for kind, name in (
+            ("tokens", "val_loss_vs_tokens.png"),
+            ("flops", "val_loss_vs_flops.png"),
+            ("moe", "moe_load_balance.png"),
+        ):
             path = _plot(report, kind, out / name)
             written += [path] if path else []
     md = out / "report.md"
@@ -722,8 +853,11 @@ def write_report(report: Report, out_dir: str | Path | None = None, plots: bool 
 def find_latest_sweep(root: str | Path, experiment: str) -> Path:
     """The most recently started sweep (multirun.yaml mtime) under `root` that ran `experiment`."""
     root = Path(root)
-    sweeps = sorted((p.parent for p in root.rglob("multirun.yaml")),
-                    key=lambda d: (d / "multirun.yaml").stat().st_mtime, reverse=True)
+    sweeps = sorted(
+        (p.parent for p in root.rglob("multirun.yaml")),
+        key=lambda d: (d / "multirun.yaml").stat().st_mtime,
+        reverse=True,
+    )
     seen = []
     for sweep in sweeps:
         name = _sweep_experiment(sweep)
@@ -731,19 +865,28 @@ def find_latest_sweep(root: str | Path, experiment: str) -> Path:
             return sweep
         seen.append(name)
     known = sorted({s for s in seen if s})
-    raise FileNotFoundError(f"no sweep of experiment {experiment!r} under {root.resolve()} "
-                            f"({len(sweeps)} sweeps; experiments found: {known or 'none'})")
+    raise FileNotFoundError(
+        f"no sweep of experiment {experiment!r} under {root.resolve()} "
+        f"({len(sweeps)} sweeps; experiments found: {known or 'none'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scaletrain.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scaletrain.report", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", help="a Hydra multirun directory (holds multirun.yaml)")
     parser.add_argument("--experiment", help="report the latest sweep under --root whose jobs ran this experiment")
     parser.add_argument("--root", default="multirun", help="where --experiment looks (default: multirun)")
-    parser.add_argument("--baseline", help="arm label every other arm is compared with (default: all pairs "
-                        f"up to {MAX_PAIRWISE_ARMS} arms, else the arm of job 0)")
-    parser.add_argument("--stale-after-min", type=float, default=30.0,
-                        help="a job silent this long without summary or error is 'stopped' (default: 30)")
+    parser.add_argument(
+        "--baseline",
+        help="arm label every other arm is compared with (default: all pairs "
+        f"up to {MAX_PAIRWISE_ARMS} arms, else the arm of job 0)",
+    )
+    parser.add_argument(
+        "--stale-after-min",
+        type=float,
+        default=30.0,
+        help="a job silent this long without summary or error is 'stopped' (default: 30)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write report.md only")
     args = parser.parse_args(argv)
     if (args.sweep_dir is None) == (args.experiment is None):

@@ -1,14 +1,17 @@
-"""Entry point: `python -m scaletrain.run [group=option ...] [key=value ...]` (add `-m` for sweeps).
+"""Entry point: `scaletrain-run [group=option ...] [key=value ...]` or `python -m scaletrain.run ...` (`-m`: sweep).
 
-Composes conf/ against the typed schema, validates cross-field rules before any work, and trains
-in Hydra's run (or sweep job) directory. Under -m a failed job's error names the job and its log file
-(the launcher hands it back to the sweep's console). Nothing else lives here; ranks, devices and
-preemption are in distributed.py.
+`cli()` checks the command line before Hydra acts on it (`preflight`): every job the command would start
+(each point of a `-m` sweep, recipe grids included) is composed and converted to typed config objects, so a
+mistyped key or option fails at once with the nearest valid name, `+key=value` cannot add a key the schema
+lacks, and `--cfg job` validates what it prints. Then Hydra runs `main()` per job: compose -> `load_config`
+(typed `Config`) -> `trainer.train` in Hydra's run (or sweep job) directory. Under -m a failed job's error
+names the job and its log file. Ranks, devices and preemption live in distributed.py.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -16,14 +19,17 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from scaletrain.config import ConfigError, register_configs, validate
+from scaletrain.config import Config, ConfigError, load_config, register_configs, suggest
 
 register_configs()
 # submitit's local executor sets CUDA_VISIBLE_DEVICES for every job; keep what this shell had, so that the
 # jobs of a local sweep can share out all of its GPUs (scaletrain.distributed.claim_local_slot)
 os.environ.setdefault("SCALETRAIN_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SWEPT_KEYS_ENV = "SCALETRAIN_SWEPT_KEYS"  # set by cli() for the jobs of a sweep: which keys the sweep varies
+MAX_PREFLIGHT_JOBS = 256  # a larger sweep has its first jobs checked here, every job still checks itself
 
 
 class JobFailed(RuntimeError):
@@ -41,8 +47,10 @@ def _job_failed(err: Exception) -> JobFailed:
         log = f"{paths.stderr} (stdout: {paths.stdout})"
     else:
         log = str(Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
-    return JobFailed(f"job {hc.job.num} ({' '.join(hc.overrides.task)}) failed: {type(err).__name__}: {err}\n"
-                     f"  log: {log}\n  run dir: {hc.runtime.output_dir}")
+    return JobFailed(
+        f"job {hc.job.num} ({' '.join(hc.overrides.task)}) failed: {type(err).__name__}: {err}\n"
+        f"  log: {log}\n  run dir: {hc.runtime.output_dir}"
+    )
 
 
 def _fail(kind: str, err: Exception) -> None:
@@ -54,20 +62,46 @@ def _fail(kind: str, err: Exception) -> None:
     raise SystemExit(2) from None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def run_name(cfg: Config, task_overrides: list[str], swept_keys: list[str], run_dir: Path) -> str:
+    """W&B run name: `key=value,...` of the keys the sweep varies (a sweep job), else
+    `<experiment or model-optim>-<run folder>` (a single run). logging.wandb.name, when set, wins."""
+    if cfg.logging.wandb.name:
+        return cfg.logging.wandb.name
+    swept = [o.lstrip("+~") for o in task_overrides if _override_key(o) in swept_keys]
+    if swept:
+        return ",".join(swept)
+    base = cfg.experiment or "-".join([cfg.model.name, *([cfg.moe.name] if cfg.moe.n_experts else []), cfg.optim.name])
+    return f"{base}-{run_dir.name}"
+
+
+def _swept_keys(hc) -> list[str]:
+    from_recipe = list(OmegaConf.select(hc, "sweeper.params", default=None) or {})
+    from_cli = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split("|") if k]
+    return list(dict.fromkeys([*from_recipe, *from_cli]))
+
+
+# an absolute path: the console script has no package for Hydra to resolve "../conf" against
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(dcfg: DictConfig) -> float | None:
     try:
-        validate(cfg)
+        cfg = load_config(dcfg)  # the one conversion: typed dataclasses from here on
     except ConfigError as err:
         _fail("config", err)
+        return None
     from scaletrain.data import DataError  # torch imports only after the config is known to be valid
     from scaletrain.trainer import train
 
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        summary = train(cfg, Path(hc.runtime.output_dir), run_name=hc.job.override_dirname or "default")
+        summary = train(cfg, run_dir, run_name=run_name(cfg, list(hc.overrides.task), _swept_keys(hc), run_dir))
     except DataError as err:
         _fail("data", err)
+        return None
     except Exception as err:
         if hc.mode == RunMode.MULTIRUN:
             raise _job_failed(err) from err
@@ -75,5 +109,95 @@ def main(cfg: DictConfig) -> float | None:
     return summary["val_loss"]
 
 
-if __name__ == "__main__":
+# ---------------------------------------------------------------------------------------------- preflight
+
+
+def _explain(err: Exception, overrides: list[str]) -> str:
+    """Hydra's composition error, plus the nearest valid name where the error is a misspelling."""
+    from hydra import compose
+
+    msg = str(err).strip()
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", msg)
+    options = list(getattr(err, "options", None) or [])
+    if missing and options:  # model=baseline10m
+        return msg.split("\n")[0] + suggest(missing.group(2), options) + f"; available: {', '.join(options)}"
+    key = re.search(r"Could not override '([^']+)'", msg)
+    if key:  # optim.lrr=1 or modell=tiny: list the valid keys next to the misspelled one
+        path = key.group(1)
+        parent, _, leaf = path.rpartition(".")
+        rest = [o for o in overrides if _override_key(o) != path]
+        base = compose(config_name="config", overrides=rest)
+        node = OmegaConf.select(base, parent) if parent else base
+        keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        if not parent:
+            keys += [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+        return (
+            f"{path}: no such key{suggest(leaf, keys)}; valid keys{' of ' + parent if parent else ''}: "
+            f"{', '.join(sorted(set(keys)))}"
+        )
+    return msg.replace("\n", " ")
+
+
+def _jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:
+    """The override list of every job the command starts, and the keys the sweep varies."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    user = [o for o in overrides if not _override_key(o).startswith("hydra")]
+    if not multirun:
+        return [user], []
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(user)
+    base = compose(
+        config_name="config",
+        overrides=[o.input_line or "" for o in parsed if not o.is_sweep_override()],
+        return_hydra_config=True,
+    )
+    recipe = {str(k): str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
+    # as Hydra's basic sweeper: the recipe's grid first, the command line after it (and winning)
+    grid = parser.parse_overrides([f"{k}={v}" for k, v in recipe.items()]) + parsed
+    swept = list(dict.fromkeys([o.get_key_element().lstrip("+~") for o in grid if o.is_sweep_override()]))
+    batches = BasicSweeper.split_arguments(grid, max_batch_size=None)
+    return [job for batch in batches for job in batch][:MAX_PREFLIGHT_JOBS], swept
+
+
+def preflight(overrides: list[str], multirun: bool) -> None:
+    """Compose and type-check every job of the command before Hydra starts any; exit 2 with one clear
+    message (naming the key or option, and the nearest valid one) on the first that fails."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            jobs, swept = _jobs(overrides, multirun)
+            for job in jobs:
+                try:
+                    load_config(compose(config_name="config", overrides=job))
+                except (HydraException, OmegaConfBaseException) as err:
+                    raise ConfigError(_explain(err, job)) from err
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except (HydraException, OmegaConfBaseException) as err:
+            print(f"config error: {_explain(err, overrides)}", file=sys.stderr)
+            raise SystemExit(2) from None
+    if swept:
+        os.environ[SWEPT_KEYS_ENV] = "|".join(swept)
+
+
+def cli() -> None:
+    """The console script (`scaletrain-run`): preflight, then Hydra. Hydra's own flags that print help,
+    install shell completion or use another config skip the preflight."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args()
+    own_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
+    if not (args.help or args.hydra_help or args.shell_completion or args.info or own_config):
+        preflight(args.overrides, args.multirun)
     main()
+
+
+if __name__ == "__main__":
+    cli()

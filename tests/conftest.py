@@ -1,7 +1,9 @@
-"""Shared fixtures: the real conf/ composed with tiny CPU overrides, and the ../shared test data."""
+"""Shared fixtures and helpers: the real conf/ composed with the debug group (debug=cpu_tiny) and tmp
+paths, the ../shared test data, and readers of a run directory's records (metrics.jsonl, summary.json)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,20 +11,27 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from scaletrain import records
 from scaletrain.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 SHARED = Path(os.environ.get("SCALETRAIN_SHARED", REPO.parent / "shared")).resolve()
 TINYSTORIES = SHARED / "data" / "tinystories"
+DEBUG = "cpu_tiny"  # conf/debug/cpu_tiny.yaml: the tiny CPU settings every training test starts from
+NO_LOCAL = "~local"  # drop this machine's git-ignored conf/local/default.yaml: tests compose as CI does
 
 register_configs()
 
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/config.yaml exactly as `python -m scaletrain.run` does, with overrides."""
+    """Compose conf/config.yaml as `python -m scaletrain.run` does, with overrides, minus any conf/local
+    machine settings (unless the overrides choose a `local` option themselves)."""
+    overrides = list(overrides or [])
+    if not any(o.lstrip("~+").startswith("local") for o in overrides):
+        overrides.append(NO_LOCAL)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="session")
@@ -39,27 +48,25 @@ def data_cache(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(data_dir: Path, cache: Path, **extra: object) -> list[str]:
-    """CPU-sized run: tiny model, short sequences, W&B disabled, no progress bar."""
-    base = {
-        "model": "tiny",
-        "data.path": str(data_dir),
-        "data.cache_dir": str(cache),
-        "data.seq_len": 64,
-        "data.tokenizer.vocab_size": 512,
-        "train.batch_size": 8,
-        "train.max_steps": 20,
-        "train.eval_every": 10,
-        "train.eval_batches": 2,
-        "train.ckpt_every": 10,
-        "train.log_every": 5,
-        "train.progress_bar": False,
-        "train.sample_count": 1,
-        "train.sample_tokens": 8,
-        "train.measure_cpu_peak": False,
-        "train.device": "cpu",
-        "optim.lr": 5e-3,
-        "optim.schedule.warmup_steps": 2,
-        "logging.wandb.mode": "disabled",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """A CPU-sized run: `debug=cpu_tiny` (tiny model, short sequences, 20 steps, W&B disabled, ...) with
+    this session's data and cache folders; `extra` overrides any key or group (`model="moe_8x"`).
+    The list works both for compose_cfg and on the command line of `python -m scaletrain.run`."""
+    paths = {"data.path": data_dir, "data.cache_dir": cache}
+    return [f"debug={DEBUG}", NO_LOCAL, *(f"{k}={v}" for k, v in {**paths, **extra}.items())]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in the order written."""
+    return [json.loads(line) for line in (run_dir / records.METRICS_FILE).read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss of a run (the logged steps only)."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json, checked against the Summary contract (a missing field fails here)."""
+    summary = records.read_summary(run_dir)
+    assert summary is not None, f"no {records.SUMMARY_FILE} in {run_dir}"
+    return summary.to_dict()

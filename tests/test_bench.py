@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from scaletrain.bench import NaiveGPT, main
-from scaletrain.config import ModelConfig
+from scaletrain.config import ModelConfig, Precision
+from scaletrain.hardware import resolve_precision
 from scaletrain.model import Transformer
 
 
@@ -44,7 +45,7 @@ def test_naive_yardstick_computes_the_same_function_as_the_scaletrain_model():
         naive.ln_f.weight.copy_(ours.final_norm.weight)
         naive.w_ue.weight.copy_(ours.W_ue.weight)
     idx = torch.randint(0, V, (3, T))
-    torch.testing.assert_close(naive(idx), ours(idx), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(naive(idx), ours(idx).logits, atol=2e-5, rtol=1e-4)
 
 
 def test_naive_yardstick_refuses_configs_it_does_not_implement():
@@ -61,20 +62,42 @@ def test_naive_attention_is_causal():
     torch.testing.assert_close(naive(idx)[:, :10], naive(changed)[:, :10])
 
 
-def test_bench_times_both_implementations_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    rows = main(["model=tiny", "data.seq_len=32", "train.batch_size=4", "train.device=cpu",
-                 "--naive", "--steps", "2", "--warmup", "1", "--out", str(out)])
-    assert [(r["impl"], r["precision"]) for r in rows] == [("scaletrain", "fp32"), ("naive", "fp32")]
+def test_bench_times_both_implementations_and_writes_json_under_outputs_bench(tmp_path, monkeypatch, capsys):
+    """Without --out the JSON goes to outputs/bench/<date>/<time>/ (git-ignored), never the working folder;
+    `--precisions auto` says which precision it chose for this CPU."""
+    monkeypatch.chdir(tmp_path)
+    rows = main(
+        [
+            "model=tiny",
+            "data.seq_len=32",
+            "train.batch_size=4",
+            "train.device=cpu",
+            "--naive",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--precisions",
+            "auto",
+        ]
+    )
+    want, why = resolve_precision(Precision.auto, torch.device("cpu"))  # fp32 unless the CPU has AVX512-BF16/AMX
+    [out] = tmp_path.glob("outputs/bench/*/*/bench.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+    printed = capsys.readouterr().out
+    assert f"wrote {out.relative_to(tmp_path)}" in printed and f"precision auto -> {want} ({why})" in printed
+    assert [(r["impl"], r["precision"]) for r in rows] == [("scaletrain", want), ("naive", want)]
     record = json.loads(out.read_text())
     assert record["device_peaks"]["fp32"] > 0 and record["device_peaks"]["bf16"] > 0
     assert record["versions"]["torch"] == torch.__version__
-    assert record["ratios"][0] == (f"model=tiny fp32: scaletrain / naive tokens/s = "
-                                   f"{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    assert record["ratios"][0] == (
+        f"model=tiny {want}: scaletrain / naive tokens/s = {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x"
+    )
     slow_bf16 = record["device_peaks"]["bf16"] < record["device_peaks"]["fp32"]
     assert any(n.startswith("note: bf16 matmuls") for n in record["ratios"]) == slow_bf16
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["steps"] == 2
+        assert r["cpu_ms"] > 0  # process CPU time of a step, beside its wall time
         assert r["mfu_measured"] == pytest.approx(r["tflops"] * 1e12 / r["peak_flops"])
         assert abs(r["step_ms"] - (r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"])) < 1e-6
         assert r["tokens_per_s"] == pytest.approx(4 * 32 * 1000 / r["step_ms"])

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from scaletrain.config import ConfigError, validate
 
-from .conftest import CONF_DIR, REPO, compose_cfg
+from .conftest import CONF_DIR, NO_LOCAL, REPO, compose_cfg, tiny_overrides
 
-GROUPS = ["model", "moe", "optim", "data", "cluster", "train", "logging", "experiment"]
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+GROUPS = ["model", "moe", "optim", "data", "cluster", "train", "logging", "experiment", "debug"]
+# conf/local holds this machine's git-ignored files: only the committed example is a shipped option
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))] + [("local", "example")]
+NAMELESS = ("experiment", "logging", "debug", "local")  # groups whose options carry no `name` key
 
 
-def test_every_config_group_exists():
-    assert all((CONF_DIR / g).is_dir() for g in GROUPS)
+def test_every_config_group_exists_with_at_least_one_option():
+    assert all(list((CONF_DIR / g).glob("*.yaml")) for g in [*GROUPS, "local"])
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_shipped_option_composes_and_validates(group, option):
     cfg = compose_cfg([f"{group}={option}"])
     validate(cfg)
-    if group not in ("experiment", "logging"):
+    if group not in NAMELESS:
         assert cfg[group].name == option
 
 
@@ -35,6 +41,104 @@ def test_default_composition_is_the_seed_baseline():
     assert (m.name, m.d_model, m.n_layers, m.n_heads, m.d_ff) == ("baseline_10m", 512, 3, 4, 2048)
     assert (m.activation, m.dropout > 0, cfg.moe.name, cfg.optim.name) == ("relu", True, "none", "adamw")
     assert (cfg.data.name, cfg.cluster.name, cfg.logging.wandb.mode) == ("tinystories", "local", "offline")
+
+
+def _leaves(cfg) -> dict[str, object]:
+    """Every leaf of a composed config as dotted key -> value (interpolations left unresolved)."""
+    out: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+def _changed_keys(a, b) -> set[str]:
+    la, lb = _leaves(a), _leaves(b)
+    return {k for k in la.keys() | lb.keys() if la.get(k, "<unset>") != lb.get(k, "<unset>")}
+
+
+@pytest.mark.parametrize("preset", ["moe_8x", "tiny", "small_5m"])
+def test_model_variants_differ_from_baseline_10m_exactly_in_the_keys_their_yaml_sets(preset):
+    """The variants inherit (defaults: [baseline_10m]): every key they do not set is the baseline's."""
+    own = {f"model.{k}" for k in OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml") if k != "defaults"}
+    changed = _changed_keys(compose_cfg(["model=baseline_10m"]), compose_cfg([f"model={preset}"]))
+    assert "model.name" in changed and {k for k in changed if k.startswith("model.")} <= own
+    # moe_8x also picks its MoE option (moe=top2_8e); the dense variants leave every other group alone
+    assert {k.split(".")[0] for k in changed} == ({"model", "moe"} if preset == "moe_8x" else {"model"})
+
+
+def test_debug_cpu_tiny_sets_the_tiny_cpu_run_and_wins_over_an_experiment_recipe():
+    cfg = compose_cfg(["debug=cpu_tiny", "experiment=quickstart"])  # quickstart: small_5m, seq_len 256, lr 2e-3
+    validate(cfg)
+    assert (cfg.experiment, cfg.model.name, cfg.data.seq_len, cfg.data.tokenizer.vocab_size) == (
+        "quickstart",
+        "tiny",
+        64,
+        512,
+    )
+    t = cfg.train
+    assert (t.device, t.batch_size, t.max_steps, t.eval_every, t.eval_batches, t.ckpt_every, t.log_every) == (
+        "cpu",
+        8,
+        20,
+        10,
+        2,
+        10,
+        5,
+    )
+    assert (t.progress_bar, t.sample_count, t.sample_tokens, t.measure_cpu_peak) == (False, 1, 8, False)
+    assert (cfg.optim.lr, cfg.optim.schedule.warmup_steps, cfg.logging.wandb.mode) == (5e-3, 2, "disabled")
+
+
+def test_the_command_line_wins_over_the_debug_group(tmp_path):
+    cfg = compose_cfg(
+        tiny_overrides(
+            tmp_path / "data", tmp_path / "cache", model="moe_8x", **{"train.max_steps": 3, "data.seq_len": 32}
+        )
+    )
+    assert (cfg.model.name, cfg.moe.name, cfg.train.max_steps, cfg.data.seq_len) == ("moe_8x", "top2_8e", 3, 32)
+    assert (cfg.data.path, cfg.data.cache_dir) == (str(tmp_path / "data"), str(tmp_path / "cache"))
+    assert cfg.train.device == "cpu"  # what the command line leaves alone stays the debug group's
+
+
+def test_local_example_sets_only_machine_settings():
+    changed = _changed_keys(compose_cfg(), compose_cfg(["local=example"]))
+    machine = {
+        "data.path",
+        "data.cache_dir",
+        "logging.wandb.entity",
+        "logging.wandb.mode",
+        "logging.wandb.dir",
+        "cluster.partition",
+        "cluster.account",
+        "cluster.qos",
+        "cluster.constraint",
+        "cluster.setup",
+    }
+    assert changed and changed <= machine
+
+
+def test_conf_local_default_applies_to_every_run_and_a_checkout_without_it_composes(tmp_path):
+    """`optional local: default`: a fresh clone (no conf/local/default.yaml) composes as the tests do; a
+    machine's file sets its keys under every composition, debug=cpu_tiny included; the command line wins."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf, ignore=lambda d, names: ["default.yaml"] if d.endswith("local") else [])
+
+    def compose_in_copy(*overrides: str):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    assert compose_in_copy() == compose_cfg()
+    (conf / "local" / "default.yaml").write_text((conf / "local" / "example.yaml").read_text())
+    for cfg in (compose_in_copy(), compose_in_copy("debug=cpu_tiny", "experiment=quickstart")):
+        assert (cfg.data.path, cfg.logging.wandb.entity) == ("/data/tinystories", "my-team")
+    assert compose_in_copy("data.path=/elsewhere").data.path == "/elsewhere"
 
 
 def test_unknown_key_fails_naming_it():
@@ -57,17 +161,21 @@ def test_wrong_enum_value_lists_the_allowed_ones():
 
 
 def test_unknown_option_lists_available_ones():
-    with pytest.raises(Exception) as err:
+    with pytest.raises(MissingConfigException, match="model/nope") as err:
         compose_cfg(["model=nope"])
-    assert "model/nope" in str(err.value) and "baseline_10m" in str(err.value) and "tiny" in str(err.value)
+    assert "baseline_10m" in str(err.value) and "tiny" in str(err.value)
 
 
 @pytest.mark.parametrize(
     "override,key",
-    [("model.n_heads=3", "model.n_heads"), ("model.dropout=1.5", "model.dropout"),
-     ("train.device=tpu", "train.device"), ("optim.betas=[0.9]", "optim.betas"),
-     ("model.tie_embeddings=true model.n_embed=64", "model.tie_embeddings"),
-     ("train.max_steps=0", "train.max_steps")],
+    [
+        ("model.n_heads=3", "model.n_heads"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("train.device=tpu", "train.device"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("model.tie_embeddings=true model.n_embed=64", "model.tie_embeddings"),
+        ("train.max_steps=0", "train.max_steps"),
+    ],
 )
 def test_inconsistent_values_fail_validation_naming_the_key(override, key):
     cfg = compose_cfg(override.split())
@@ -76,8 +184,10 @@ def test_inconsistent_values_fail_validation_naming_the_key(override, key):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaletrain.run", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    """`python -m scaletrain.run` as a user runs it, minus this machine's conf/local settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "scaletrain.run", *args, NO_LOCAL], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_rejects_inconsistent_heads_before_any_work(tmp_path):
@@ -85,6 +195,23 @@ def test_cli_rejects_inconsistent_heads_before_any_work(tmp_path):
     assert res.returncode != 0
     assert "model.n_heads" in res.stderr and "divisible" in res.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_console_scripts_run_from_any_folder(tmp_path):
+    """`scaletrain-run` (pyproject [project.scripts]; what Hydra's tab completion completes) composes the
+    repo's conf/ wherever it is started; `scaletrain-report` answers --help."""
+    bin_dir = Path(sys.executable).parent
+    res = subprocess.run(
+        [str(bin_dir / "scaletrain-run"), "--cfg", "job", "model=tiny", NO_LOCAL],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "name: tiny" in res.stdout
+    res = subprocess.run([str(bin_dir / "scaletrain-report"), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--experiment" in res.stdout
 
 
 def test_cli_cfg_job_prints_the_resolved_config():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-import time
+import socket
+import threading
 
 import datasets
 import numpy as np
@@ -50,8 +51,7 @@ def gpt2(tinystories_dir):
 @pytest.fixture(scope="module")
 def stories(tinystories_dir, data_cache):
     """Real TinyStories with a 512-token BPE, in the session cache that the training tests share."""
-    cfg = data_cfg(data_cache, path=str(tinystories_dir), seq_len=64,
-                   tokenizer={"vocab_size": 512})
+    cfg = data_cfg(data_cache, path=str(tinystories_dir), seq_len=64, tokenizer={"vocab_size": 512})
     return cfg, prepare_data(cfg)
 
 
@@ -184,11 +184,11 @@ def test_interrupted_build_leaves_no_entry_that_looks_complete(small_corpus, tmp
 
     def crash_on_val(encoded, path, *args):
         if path.name == "val.bin":
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("crash while writing val.bin")
         return write(encoded, path, *args)
 
     monkeypatch.setattr(data, "_write_stream", crash_on_val)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="val.bin"):
         prepare_data(cfg)
     assert list((tmp_path / "cache" / "tokens").iterdir()) == []
     monkeypatch.setattr(data, "_write_stream", write)
@@ -240,9 +240,12 @@ def test_missing_folder_error_names_the_path(tmp_path):
 
 def test_folder_without_split_files_lists_the_accepted_names(tmp_path):
     write_txt(tmp_path, "train.txt", TRAIN_DOCS)
-    accepted = "valid.txt, valid.jsonl, valid.parquet, validation.txt, validation.jsonl, validation.parquet, " \
-               "val.txt, val.jsonl, val.parquet"
-    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path))}: no val file; expected exactly one of {accepted}$"):
+    accepted = (
+        "valid.txt, valid.jsonl, valid.parquet, validation.txt, validation.jsonl, validation.parquet, "
+        "val.txt, val.jsonl, val.parquet"
+    )
+    expected = f"{re.escape(str(tmp_path))}: no val file; expected exactly one of {accepted}$"
+    with pytest.raises(DataError, match=expected):
         prepare_data(data_cfg(tmp_path / "cache", path=str(tmp_path)))
 
 
@@ -255,8 +258,11 @@ def test_two_train_files_are_rejected_as_ambiguous(small_corpus, tmp_path):
 def test_missing_column_error_names_the_key_and_the_file(tmp_path):
     for name in ("train.jsonl", "val.jsonl"):
         (tmp_path / name).write_text('{"story": "Once."}\n')
-    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path))}/train.jsonl has no column 'text' "
-                                        r"\(data.text_column\); its columns: \['story'\]"):
+    with pytest.raises(
+        DataError,
+        match=f"{re.escape(str(tmp_path))}/train.jsonl has no column 'text' "
+        r"\(data.text_column\); its columns: \['story'\]",
+    ):
         prepare_data(data_cfg(tmp_path / "cache", path=str(tmp_path)))
 
 
@@ -265,15 +271,43 @@ def test_split_shorter_than_one_window_is_an_error(small_corpus, tmp_path, tinys
         prepare_data(gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir, seq_len=10_000))
 
 
-def test_unreachable_hub_fails_fast_and_points_to_data_path(tmp_path, monkeypatch):
+def _never_load_dataset(*args, **kwargs):
+    raise AssertionError("datasets.load_dataset was called: it retries for ~23 s before failing offline")
+
+
+def test_unreachable_hub_fails_before_datasets_retries_and_points_to_data_path(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    t0 = time.perf_counter()
-    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub at http://127.0.0.1:9 .*"
-                                        r"data.path=../shared/data/tinystories.*HF_HUB_OFFLINE=1"):
+    monkeypatch.setattr(data.datasets, "load_dataset", _never_load_dataset)
+    with pytest.raises(
+        DataError,
+        match=r"cannot reach the Hugging Face hub at http://127.0.0.1:9 .*"
+        r"data.path=../shared/data/tinystories.*HF_HUB_OFFLINE=1",
+    ):
         prepare_data(data_cfg(tmp_path / "cache"))
-    assert time.perf_counter() - t0 < 5.0
+
+
+def test_a_hub_connection_that_hangs_is_given_up_after_data_hub_timeout_s(tmp_path, monkeypatch):
+    """Name resolution ignores socket timeouts; the probe thread is abandoned after hub_timeout_s instead.
+    The fake connection hangs until the test ends: if the wait were not bounded, it would 'succeed' after
+    60 s and datasets.load_dataset would be called (and fail the test)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    release = threading.Event()
+
+    def hanging_connection(address, timeout=None):
+        release.wait(60)
+        return socket.socket()
+
+    monkeypatch.setattr(data.socket, "create_connection", hanging_connection)
+    monkeypatch.setattr(data.datasets, "load_dataset", _never_load_dataset)
+    try:
+        with pytest.raises(DataError, match=r"hub.invalid \(timed out\) within data.hub_timeout_s=0.05"):
+            prepare_data(data_cfg(tmp_path / "cache", hub_timeout_s=0.05))
+    finally:
+        release.set()
 
 
 # ----------------------------------------------------------------------------- batches

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.config import ModelConfig
+from scaletrain.dropout import Dropout
 from scaletrain.model import Attention, RotaryEmbedding, Transformer
+
+from .conftest import compose_cfg
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -21,19 +24,20 @@ def small_cfg(**kw) -> ModelConfig:
 
 def test_forward_returns_logits_of_shape_batch_time_vocab():
     model = Transformer(small_cfg(), vocab_size=97, max_seq_len=32)
-    logits = model(torch.randint(0, 97, (3, 17)))
+    logits = model(torch.randint(0, 97, (3, 17))).logits
     assert logits.shape == (3, 17, 97)
 
 
-@pytest.mark.parametrize("activation,norm,qk_norm", [("relu", "layernorm", False), ("swiglu", "rmsnorm", True),
-                                                     ("gelu", "layernorm", True)])
+@pytest.mark.parametrize(
+    "activation,norm,qk_norm", [("relu", "layernorm", False), ("swiglu", "rmsnorm", True), ("gelu", "layernorm", True)]
+)
 def test_changing_future_tokens_never_changes_earlier_logits(activation, norm, qk_norm):
     torch.manual_seed(0)
     model = Transformer(small_cfg(activation=activation, norm=norm, qk_norm=qk_norm), 50, 16).eval()
     idx = torch.randint(0, 50, (2, 16))
     changed = idx.clone()
     changed[:, 9:] = torch.randint(0, 50, (2, 7))
-    a, b = model(idx), model(changed)
+    a, b = model(idx).logits, model(changed).logits
     torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=0)
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
@@ -58,7 +62,8 @@ def test_rope_equals_complex_rotation_of_interleaved_pairs():
     K, T, theta = 8, 10, 500.0
     x = torch.randn(2, T, 3, K)
     freqs = theta ** (-torch.arange(0, K, 2, dtype=torch.float64) / K)
-    rot = torch.polar(torch.ones(T, K // 2, dtype=torch.float64), torch.outer(torch.arange(T, dtype=torch.float64), freqs))
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), freqs)
+    rot = torch.polar(torch.ones(T, K // 2, dtype=torch.float64), angles)
     xc = torch.view_as_complex(x.double().reshape(2, T, 3, K // 2, 2))
     expected = torch.view_as_real(xc * rot[None, :, None, :]).reshape(2, T, 3, K).float()
     torch.testing.assert_close(RotaryEmbedding(K, T, theta)(x), expected, rtol=1e-6, atol=1e-6)
@@ -80,8 +85,14 @@ def expected_param_count(c: ModelConfig, V: int) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(bias=True), dict(activation="swiglu", norm="rmsnorm"), dict(tie_embeddings=True, qk_norm=True),
-     dict(n_embed=32, bias=True, norm="layernorm"), dict(d_model=512, n_layers=3, n_heads=4, d_ff=2048, dropout=0.1)],
+    [
+        dict(),
+        dict(bias=True),
+        dict(activation="swiglu", norm="rmsnorm"),
+        dict(tie_embeddings=True, qk_norm=True),
+        dict(n_embed=32, bias=True, norm="layernorm"),
+        dict(d_model=512, n_layers=3, n_heads=4, d_ff=2048, dropout=0.1),
+    ],
 )
 def test_parameter_count_equals_its_formula(kw):
     cfg = small_cfg(**kw)
@@ -89,12 +100,40 @@ def test_parameter_count_equals_its_formula(kw):
     assert model.param_counts() == expected_param_count(cfg, 4096)
 
 
-def test_baseline_10m_has_9_44m_non_embedding_parameters():
-    cfg = ModelConfig(name="baseline_10m", d_model=512, n_layers=3, n_heads=4, d_ff=2048)
-    counts = Transformer(cfg, vocab_size=4096, max_seq_len=256).param_counts()
-    # per block: 4*512^2 attention + 2*512*2048 MLP + 2 LayerNorm weights of 512; + final norm
-    assert counts["non_embedding"] == 3 * (4 * 512**2 + 2 * 512 * 2048 + 2 * 512) + 512 == 9_440_768
-    assert counts["embedding"] == 4096 * 512 + 512 * 512 + 512 * 4096 == 4_456_448
+def preset_param_counts(*overrides: str) -> dict[str, int]:
+    """Parameter counts of a composed preset (default data: the 4096-token BPE), built on the meta device."""
+    cfg = compose_cfg(list(overrides))
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.model.vocab_size or cfg.data.tokenizer.vocab_size, cfg.data.seq_len, cfg.moe)
+    return model.param_counts()
+
+
+# baseline_10m: per block 4 x 512^2 attention + 2 x 512 x 2048 MLP + 2 LayerNorm weights of 512; + final norm;
+# embedding: tok_emb 4096 x 512, W_e 512 x 512, W_ue 512 x 4096 (untied)
+BASELINE_NON_EMB, BASELINE_EMB = 3 * (4 * 512**2 + 2 * 512 * 2048 + 2 * 512) + 512, 4096 * 512 + 512 * 512 + 512 * 4096
+MLP_512, ROUTER_8 = 2 * 512 * 2048, 512 * 8  # one expert = the baseline's MLP; router: d_model x n_experts
+
+
+def test_baseline_10m_preset_has_9_44m_non_embedding_and_4_46m_embedding_parameters():
+    counts = preset_param_counts("model=baseline_10m")
+    assert counts["non_embedding"] == BASELINE_NON_EMB == 9_440_768
+    assert counts["embedding"] == BASELINE_EMB == 4_456_448
+    assert counts["total"] == counts["active"] == 13_897_216  # the YAML's "13.9M"
+
+
+def test_small_5m_preset_has_5_3m_parameters_of_which_2_2m_embedding():
+    counts = preset_param_counts("model=small_5m")
+    assert counts["embedding"] == 4096 * 256 + 256 * 256 + 256 * 4096 == 2_162_688
+    assert counts["non_embedding"] == 4 * (4 * 256**2 + 2 * 256 * 1024 + 2 * 256) + 256
+    assert counts["total"] == 5_310_720
+
+
+def test_moe_8x_preset_holds_eight_baseline_mlps_per_layer_and_activates_two():
+    counts = preset_param_counts("model=moe_8x")
+    assert counts["embedding"] == BASELINE_EMB
+    assert counts["total"] == BASELINE_EMB + BASELINE_NON_EMB + 3 * (7 * MLP_512 + ROUTER_8) == 57_949_696
+    assert counts["active"] == BASELINE_EMB + BASELINE_NON_EMB + 3 * (MLP_512 + ROUTER_8) == 20_200_960
+    assert preset_param_counts("model=moe_8x", "moe=none") == preset_param_counts("model=baseline_10m")
 
 
 def test_tied_embeddings_share_one_tensor():
@@ -134,16 +173,24 @@ def test_greedy_generation_is_deterministic_and_extends_the_prompt():
     out2 = model.generate(prompt, 10, temperature=0.0)
     assert out1.shape == (1, 13) and torch.equal(out1, out2) and torch.equal(out1[:, :3], prompt)
     # greedy token equals argmax of the model's last-position logits (context cropped to max_seq_len)
-    assert out1[0, 3].item() == model(prompt)[0, -1].argmax().item()
+    assert out1[0, 3].item() == model(prompt).logits[0, -1].argmax().item()
 
 
-@pytest.mark.parametrize("norm,act,bias,tie,qk", list(itertools.product(
-    ["layernorm", "rmsnorm"], ["relu", "gelu", "swiglu"], [False, True], [False, True], [False, True]))[::5])
-def test_every_switch_combination_trains_one_step(norm, act, bias, tie, qk):
+@pytest.mark.parametrize(
+    "norm,act,bias,tie,qk",
+    list(
+        itertools.product(
+            ["layernorm", "rmsnorm"], ["relu", "gelu", "swiglu"], [False, True], [False, True], [False, True]
+        )
+    )[::5],
+)
+def test_every_switch_combination_starts_near_uniform_loss_and_gives_every_parameter_a_gradient(
+    norm, act, bias, tie, qk
+):
     torch.manual_seed(0)
     model = Transformer(small_cfg(norm=norm, activation=act, bias=bias, tie_embeddings=tie, qk_norm=qk), 40, 8)
     idx = torch.randint(0, 40, (2, 8))
-    loss = F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
+    loss = F.cross_entropy(model(idx).logits.flatten(0, 1), idx.roll(-1, 1).flatten())
     loss.backward()
     assert math.isclose(loss.item(), math.log(40), rel_tol=0.05)  # near-uniform at init
     assert all(p.grad is not None for p in model.parameters())
@@ -166,12 +213,55 @@ def test_attention_dropout_is_its_own_knob_and_only_acts_in_training():
 
 def test_the_dense_124m_preset_has_gpt2_smalls_size():
     """model=dense_124m is the ~124M dense model of the GPU throughput target (built on the meta device)."""
-    from .conftest import compose_cfg
-
-    cfg = compose_cfg(["model=dense_124m", "data.seq_len=1024"])
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.model.vocab_size, cfg.data.seq_len, cfg.moe)
-    counts = model.param_counts()
+    counts = preset_param_counts("model=dense_124m", "data.seq_len=1024")
     # tied token embedding 50304 x 768 + W_e 768 x 768; 12 blocks of 4 x 768^2 + 2 x 768 x 3072 (+ norms)
     assert counts["embedding"] == 50304 * 768 + 768 * 768
     assert counts["total"] == 124_177_152
+
+
+# ---- Dropout: nn.Dropout's semantics with a cheaper CPU mask ------------------------------------------
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_in_every_lane_of_a_draw():
+    p, n = 0.1, 4_000_000
+    drop = Dropout(p).train()
+    torch.manual_seed(0)
+    kept = drop(torch.ones(n)) != 0
+    p_eff = drop.threshold / 2**15
+    assert abs(p_eff - p) <= 2**-16  # p rounded to a multiple of 2^-15
+    # each lane of a 64-bit draw (positions i % 4) is its own Bernoulli(1 - p_eff) sample of n/4 elements:
+    # 5 binomial standard deviations, so a correct mask fails this with probability < 1e-6
+    for lane in range(4):
+        rate = kept[lane::4].double().mean().item()
+        assert abs(rate - (1 - p_eff)) < 5 * math.sqrt(p_eff * (1 - p_eff) / (n / 4)), lane
+
+
+def test_dropout_scales_kept_elements_so_the_expectation_is_unchanged_and_backward_uses_the_same_mask():
+    drop = Dropout(0.1).train()
+    x = torch.randn(8, 33, 17, requires_grad=True)  # numel not a multiple of 4: the last draw is cut
+    torch.manual_seed(1)
+    y = drop(x)
+    keep = y != 0
+    assert drop.scale == 2**15 / (2**15 - drop.threshold)  # 1 / (1 - p_eff): E[y] = x exactly
+    torch.testing.assert_close(y[keep], x[keep] * drop.scale, rtol=0, atol=0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, keep * drop.scale, rtol=0, atol=0)
+
+
+def test_dropout_draws_from_the_default_generator_so_a_restored_rng_state_repeats_the_mask():
+    drop, x = Dropout(0.3).train(), torch.ones(1000)
+    state = torch.get_rng_state()
+    first = drop(x)
+    torch.set_rng_state(state)  # what checkpoint.set_rng_state does on resume
+    assert torch.equal(drop(x), first) and not torch.equal(drop(x), first)
+
+
+def test_dropout_is_the_identity_in_eval_mode_and_at_p_zero_and_rounds_bf16_once():
+    x = torch.randn(64, 64)
+    assert Dropout(0.5).eval()(x) is x and Dropout(0.0).train()(x) is x
+    torch.manual_seed(2)
+    xb = x.bfloat16()
+    y = Dropout(0.1).train()(xb)
+    keep = y != 0
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y[keep], (xb.float()[keep] * Dropout(0.1).scale).bfloat16(), rtol=0, atol=0)

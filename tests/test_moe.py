@@ -18,7 +18,8 @@ from .conftest import compose_cfg
 
 def make(n_experts=8, top_k=2, d_model=32, d_ff=64, activation="relu", bias=False, **moe) -> MoE:
     torch.manual_seed(0)
-    mc = ModelConfig(name="t", d_model=d_model, d_ff=d_ff, n_layers=2, activation=activation, bias=bias)
+    # n_heads=1: an MoE layer has no attention, and 1 divides any d_model (ModelConfig checks d_model % n_heads)
+    mc = ModelConfig(name="t", d_model=d_model, d_ff=d_ff, n_layers=2, n_heads=1, activation=activation, bias=bias)
     return MoE(mc, MoEConfig(name="t", n_experts=n_experts, top_k=top_k, **moe))
 
 
@@ -62,7 +63,7 @@ def assert_same_run(a, b, atol=1e-5, rtol=1e-4):
     torch.testing.assert_close(gxa, gxb, atol=atol, rtol=rtol)
     assert ga.keys() == gb.keys()
     for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --- parity ---------------------------------------------------------------------------------------
@@ -99,8 +100,14 @@ def test_moe_with_one_expert_and_top1_matches_dense_mlp(activation, bias, impl):
 
 @pytest.mark.parametrize(
     "capacity_factor,activation,bias,score",
-    [(None, "relu", False, "softmax"), (1.0, "relu", False, "softmax"), (None, "swiglu", True, "softmax"),
-     (1.0, "swiglu", True, "sigmoid"), (1.0, "gelu", True, "softmax"), (None, "gelu", False, "sigmoid")],
+    [
+        (None, "relu", False, "softmax"),
+        (1.0, "relu", False, "softmax"),
+        (None, "swiglu", True, "softmax"),
+        (1.0, "swiglu", True, "sigmoid"),
+        (1.0, "gelu", True, "softmax"),
+        (None, "gelu", False, "sigmoid"),
+    ],
 )
 def test_grouped_path_matches_loop_reference_with_idle_experts(capacity_factor, activation, bias, score):
     layer = make(activation=activation, bias=bias, capacity_factor=capacity_factor, n_shared=1, score=score)
@@ -200,12 +207,14 @@ def test_capacity_drops_exactly_the_overflow_slots_in_priority_order(impl):
     _, _, experts_NK, gates_NK = layer.route(x_ND)
     expert = [lambda v, e=e: layer.experts.one(v[None], e, torch.float32)[0] for e in range(2)]
     g = gates_NK.detach()
-    expected = torch.stack([
-        g[0, 0] * expert[0](x_ND[0]) + g[0, 1] * expert[1](x_ND[0]),
-        g[1, 0] * expert[0](x_ND[1]),
-        torch.zeros(8),
-        g[3, 0] * expert[1](x_ND[3]),
-    ])
+    expected = torch.stack(
+        [
+            g[0, 0] * expert[0](x_ND[0]) + g[0, 1] * expert[1](x_ND[0]),
+            g[1, 0] * expert[0](x_ND[1]),
+            torch.zeros(8),
+            g[3, 0] * expert[1](x_ND[3]),
+        ]
+    )
     assert experts_NK.tolist() == [[0, 1], [0, 1], [0, 1], [1, 0]]
     torch.testing.assert_close(y_ND, expected.detach(), atol=1e-6, rtol=1e-5)
     assert layer.stats["dropped_frac"].item() == 0.5
@@ -291,7 +300,7 @@ def test_compiled_forward_and_backward_match_eager(dtype):
     torch.testing.assert_close(y.detach().float(), eager[0], **tol)
     torch.testing.assert_close(xc.grad, eager[1], **tol)
     for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad, eager[2][name], **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, eager[2][name], **tol, msg=lambda m, name=name: f"{name}: {m}")
     assert layer.dispatch.startswith("grouped")
 
 
@@ -342,7 +351,14 @@ def test_moe_8x_model_composes_with_eight_experts_top2_on_the_baseline_dimension
     validate(cfg)
     m = cfg.model
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff, m.activation, m.norm, m.dropout) == (
-        512, 3, 4, 2048, "relu", "layernorm", 0.1)
+        512,
+        3,
+        4,
+        2048,
+        "relu",
+        "layernorm",
+        0.1,
+    )
     assert (cfg.moe.name, cfg.moe.n_experts, cfg.moe.top_k) == ("top2_8e", 8, 2)
 
 
@@ -357,9 +373,14 @@ def test_command_line_moe_choice_overrides_the_model_file():
 
 @pytest.mark.parametrize(
     "override,key",
-    [("moe.top_k=9", "moe.top_k"), ("moe.top_k=0", "moe.top_k"), ("moe.capacity_factor=0", "moe.capacity_factor"),
-     ("moe.every=4", "moe.every"), ("moe.router_jitter=1.0", "moe.router_jitter"),
-     ("moe.aux_loss_coef=-1", "moe.aux_loss_coef")],
+    [
+        ("moe.top_k=9", "moe.top_k"),
+        ("moe.top_k=0", "moe.top_k"),
+        ("moe.capacity_factor=0", "moe.capacity_factor"),
+        ("moe.every=4", "moe.every"),
+        ("moe.router_jitter=1.0", "moe.router_jitter"),
+        ("moe.aux_loss_coef=-1", "moe.aux_loss_coef"),
+    ],
 )
 def test_inconsistent_moe_settings_fail_validation_naming_the_key(override, key):
     cfg = compose_cfg(["model=moe_8x", override])

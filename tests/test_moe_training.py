@@ -14,8 +14,7 @@ from scaletrain.model import Transformer
 from scaletrain.optim import param_groups
 from scaletrain.trainer import train
 
-from .conftest import compose_cfg, tiny_overrides
-from .test_train import read_metrics, train_losses
+from .conftest import compose_cfg, read_metrics, tiny_overrides, train_losses
 
 # moe_8x's routing (8 experts, top-2, aux loss 0.01) at a CPU-sized width.
 MOE_TINY = {"model": "moe_8x", "model.d_model": 64, "model.n_heads": 4, "model.d_ff": 128, "model.dropout": 0.0}
@@ -30,27 +29,34 @@ def run_moe(tinystories_dir, data_cache, run_dir, **extra) -> tuple[dict, list[f
 
 def test_moe_8x_trains_with_falling_loss_and_balancing_undoes_router_collapse(tinystories_dir, data_cache, tmp_path):
     # Switch aux loss + DeepSeek-V3 selection bias (its published update rate)
-    summary, loads = run_moe(tinystories_dir, data_cache, tmp_path / "on",
-                             **{"moe.aux_loss_coef": 0.01, "moe.bias_update_rate": 0.001})
+    summary, loads = run_moe(
+        tinystories_dir, data_cache, tmp_path / "on", **{"moe.aux_loss_coef": 0.01, "moe.bias_update_rate": 0.001}
+    )
     losses = train_losses(tmp_path / "on")
     assert losses[40] < losses[5] - 0.3 and summary["val_loss"] < math.log(512) - 1.0
     assert summary["params_active"] < summary["params_total"]
     # At this width and lr the untrained router starts collapsed: its logits are ~0, so top-2 follows a
     # direction all tokens share and two experts take every slot (max/mean load = 8/2 = 4.0). Without
     # balancing it stays there; with it, the busiest expert of any layer ends under 2x its fair share.
-    _, unbalanced = run_moe(tinystories_dir, data_cache, tmp_path / "off",
-                            **{"moe.aux_loss_coef": 0.0, "moe.bias_update_rate": 0.0})
+    _, unbalanced = run_moe(
+        tinystories_dir, data_cache, tmp_path / "off", **{"moe.aux_loss_coef": 0.0, "moe.bias_update_rate": 0.0}
+    )
     assert len(loads) == len(unbalanced) == 8
     assert min(unbalanced[-3:]) > 3.5 and loads[-1] < 2.0
     hist = [r for r in read_metrics(tmp_path / "on") if "moe/layer0/tokens_per_expert" in r]
     assert hist and sum(hist[-1]["moe/layer0/tokens_per_expert"]) == 8 * 64 * 2  # every slot of the batch
 
 
-def test_interrupted_moe_run_with_bias_balancing_resumes_exactly(
-    tinystories_dir, data_cache, tmp_path, monkeypatch
-):
-    extra = {**MOE_TINY, "train.max_steps": 20, "train.ckpt_every": 10, "train.eval_every": 10,
-             "moe.bias_update_rate": 0.01, "train.grad_accum": 2, "train.batch_size": 4}
+def test_interrupted_moe_run_with_bias_balancing_resumes_exactly(tinystories_dir, data_cache, tmp_path, monkeypatch):
+    extra = {
+        **MOE_TINY,
+        "train.max_steps": 20,
+        "train.ckpt_every": 10,
+        "train.eval_every": 10,
+        "moe.bias_update_rate": 0.01,
+        "train.grad_accum": 2,
+        "train.batch_size": 4,
+    }
     reference = tmp_path / "ref"
     train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), reference)
 
@@ -102,4 +108,5 @@ def test_adamw_decays_expert_matrices_and_router_but_not_expert_biases():
     names = {id(p): n for n, p in model.named_parameters()}
     assert {"blocks.0.mlp.experts.w_in_EDF", "blocks.0.mlp.w_router_ED"} <= {names[id(p)] for p in decay["params"]}
     assert {"blocks.0.mlp.experts.b_in_EF", "blocks.0.mlp.experts.b_out_ED"} <= {
-        names[id(p)] for p in no_decay["params"]}
+        names[id(p)] for p in no_decay["params"]
+    }

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import ConfigError, ModelConfig, MoEConfig, MuonConfig, OptimConfig, ScheduleConfig, validate
+from scaletrain.config import ConfigError, ModelConfig, MoEConfig, MuonConfig, MuonOptimConfig, ScheduleConfig, validate
 from scaletrain.model import Transformer
 from scaletrain.moe import MoE
 from scaletrain.muon import (
@@ -166,12 +166,15 @@ def _groups_by_name(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, s
 
 def test_dense_split_covers_every_parameter_once_with_roles_where_documented():
     model = _dense(bias=True, qk_norm=True, activation="swiglu")
-    opt = build_optimizer(model, OptimConfig(name="muon"), "cpu")
+    opt = build_optimizer(model, MuonOptimConfig(), "cpu")
     groups = _groups_by_name(model, opt)
     all_names = [n for g in groups.values() for n in g]
     assert sorted(all_names) == sorted(n for n, _ in model.named_parameters())  # each exactly once
-    hidden = {f"blocks.{i}.{m}.weight" for i in range(2) for m in
-              ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_in", "mlp.w_gate", "mlp.w_out")}
+    hidden = {
+        f"blocks.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_in", "mlp.w_gate", "mlp.w_out")
+    }
     assert groups["muon"] == hidden
     assert groups["adamw_decay"] == {"W_e.weight", "W_ue.weight"}
     no_decay = groups["adamw_no_decay"]
@@ -201,7 +204,7 @@ def test_real_moe_layer_sends_expert_stacks_to_muon_and_router_and_expert_biases
         assert (role, group) == {"w_": ("expert", "muon_experts"), "b_": ("bias", "adamw_no_decay")}[kind], name
     assert len(roles) == 12  # routed + shared experts: 3 weights + 3 biases each
 
-    opt = build_optimizer(model, OptimConfig(name="muon", muon=MuonConfig(adjust_lr="original")), "cpu")
+    opt = build_optimizer(model, MuonOptimConfig(muon=MuonConfig(adjust_lr="original")), "cpu")
     assert {g["group"]: g["layout"] for g in opt.param_groups if g["kind"] == "muon"} == {"muon_experts": "in_out"}
     before = moe.experts.w_in_EDF.detach().clone()
     y = moe(torch.randn(2, 5, 16))
@@ -210,8 +213,9 @@ def test_real_moe_layer_sends_expert_stacks_to_muon_and_router_and_expert_biases
     # Each expert moved by its own orthogonalized momentum: lr * sqrt(max(1, F / D)) * NS(g_e) (wd aside).
     step_EDF = (moe.experts.w_in_EDF.detach() - before * (1 - 1e-3 * 0.1)) / (-1e-3 * 2**0.5)
     g_EDF = moe.experts.w_in_EDF.grad
-    torch.testing.assert_close(step_EDF, torch.stack([_ns(g * 0.05 + g * 0.95 * 0.05) for g in g_EDF]),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        step_EDF, torch.stack([_ns(g * 0.05 + g * 0.95 * 0.05) for g in g_EDF]), rtol=0, atol=1e-4
+    )
 
 
 class _StandInExperts(nn.Module):
@@ -231,8 +235,11 @@ def test_declared_optim_roles_win_over_the_rules_and_a_router_module_goes_to_ada
     model.blocks[0].router = nn.Linear(16, 4, bias=False)
     model.blocks[0].experts = _StandInExperts()
     roles = {r.name: r.role for r in param_roles(model)}
-    assert roles == {"blocks.0.router.weight": "router", "blocks.0.experts.w_up": "expert",
-                     "blocks.0.experts.scale": "norm"}
+    assert roles == {
+        "blocks.0.router.weight": "router",
+        "blocks.0.experts.w_up": "expert",
+        "blocks.0.experts.scale": "norm",
+    }
 
 
 def test_a_parameter_no_rule_claims_is_an_error_naming_it():
@@ -256,7 +263,7 @@ def _train(model, opt, sched, steps: int, seed: int, grad_accum: int = 2) -> lis
     for _ in range(steps):
         for _ in range(grad_accum):
             x = torch.randint(0, 50, (2, 8), generator=gen)
-            loss = F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()) / grad_accum
+            loss = F.cross_entropy(model(x).logits.flatten(0, 1), x.roll(-1, 1).flatten()) / grad_accum
             loss.backward()
         losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -266,7 +273,7 @@ def _train(model, opt, sched, steps: int, seed: int, grad_accum: int = 2) -> lis
     return losses
 
 
-def _built(cfg: OptimConfig, max_steps: int = 10):
+def _built(cfg: MuonOptimConfig, max_steps: int = 10):
     torch.manual_seed(0)
     model = _dense(dropout=0.0)
     opt = build_optimizer(model, cfg, "cpu")
@@ -274,8 +281,11 @@ def _built(cfg: OptimConfig, max_steps: int = 10):
 
 
 def test_resumed_optimizer_continues_exactly_like_the_uninterrupted_run():
-    cfg = OptimConfig(name="muon", lr=3e-3, schedule=ScheduleConfig(warmup_steps=2),
-                      muon=MuonConfig(lr=3e-3, adjust_lr="match_rms_adamw", ns_dtype="fp32"))
+    cfg = MuonOptimConfig(
+        lr=3e-3,
+        schedule=ScheduleConfig(warmup_steps=2),
+        muon=MuonConfig(lr=3e-3, adjust_lr="match_rms_adamw", ns_dtype="fp32"),
+    )
     model, opt, sched = _built(cfg)
     _train(model, opt, sched, 3, seed=1)
     buf = io.BytesIO()
@@ -294,8 +304,9 @@ def test_resumed_optimizer_continues_exactly_like_the_uninterrupted_run():
 
 
 def test_the_lr_schedule_scales_muon_and_adamw_groups_by_the_same_factor():
-    cfg = OptimConfig(name="muon", lr=1e-3, schedule=ScheduleConfig(warmup_steps=4),
-                      muon=MuonConfig(lr=0.02, adjust_lr="original"))
+    cfg = MuonOptimConfig(
+        lr=1e-3, schedule=ScheduleConfig(warmup_steps=4), muon=MuonConfig(lr=0.02, adjust_lr="original")
+    )
     model, opt, sched = _built(cfg)
     _train(model, opt, sched, 2, seed=0, grad_accum=1)
     lrs = {g["group"]: g["lr"] for g in opt.param_groups}
@@ -312,8 +323,12 @@ def test_muon_option_composes_with_adamw_settings_reused_and_bad_values_fail_nam
 
 # ---- distributed: 2 gloo processes on CPU ------------------------------------------------------------
 
-DIST_STEPS, DIST_CFG = 3, OptimConfig(name="muon", lr=1e-2, muon=MuonConfig(lr=1e-2, ns_dtype="fp32"),
-                                      schedule=ScheduleConfig(warmup_steps=0, decay="constant"))
+DIST_STEPS, DIST_CFG = (
+    3,
+    MuonOptimConfig(
+        lr=1e-2, muon=MuonConfig(lr=1e-2, ns_dtype="fp32"), schedule=ScheduleConfig(warmup_steps=0, decay="constant")
+    ),
+)
 
 
 def _global_batches() -> list[torch.Tensor]:
@@ -326,7 +341,7 @@ def _dist_run(model, train_module, rank: int = 0, world: int = 1) -> None:
     opt = build_optimizer(train_module, DIST_CFG, "cpu")
     for x in _global_batches():
         x = x.chunk(world)[rank]
-        loss = F.cross_entropy(train_module(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        loss = F.cross_entropy(train_module(x).logits.flatten(0, 1), x.roll(-1, 1).flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(train_module.parameters(), 1.0)
         opt.step()
@@ -356,8 +371,9 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             wrapped = fully_shard(model)
         ns_calls.clear()
         _dist_run(model, wrapped, rank, world)
-        full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                for n, p in model.named_parameters()}
+        full = {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()
+        }
         result[mode] = {"params": full, "ns_shapes": list(ns_calls)}
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from scaletrain.config import ModelConfig, OptimConfig, ScheduleConfig
+from scaletrain.config import AdamWConfig, ConfigError, ModelConfig, OptimConfig, ScheduleConfig, optimizer_schemas
 from scaletrain.model import Transformer
 from scaletrain.optim import build_optimizer, build_scheduler, lr_at, param_groups
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings_only():
-    model = Transformer(ModelConfig(name="t", d_model=32, n_layers=2, n_heads=2, d_ff=64, bias=True, qk_norm=True),
-                        vocab_size=50, max_seq_len=8)
+    model = Transformer(
+        ModelConfig(name="t", d_model=32, n_layers=2, n_heads=2, d_ff=64, bias=True, qk_norm=True),
+        vocab_size=50,
+        max_seq_len=8,
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -33,14 +38,28 @@ def tiny_model() -> Transformer:
 def test_adamw_is_fused_on_cpu_and_cuda_and_foreach_elsewhere():
     model = tiny_model()
     for device_type, fused in (("cpu", True), ("cuda", True), ("mps", False)):
-        opt = build_optimizer(model, OptimConfig(), device_type)
+        opt = build_optimizer(model, AdamWConfig(), device_type)
         assert isinstance(opt, torch.optim.AdamW)
         assert (bool(opt.defaults["fused"]), bool(opt.defaults["foreach"])) == (fused, not fused)
 
 
-def test_unknown_optimizer_name_is_rejected():
-    with pytest.raises(ValueError, match="optim.name"):
-        build_optimizer(tiny_model(), OptimConfig(name="sgd2"), "cpu")
+def test_a_name_that_is_not_the_schemas_own_is_rejected_naming_optim_name():
+    with pytest.raises(ConfigError, match="optim.name: is 'sgd2' but the schema is 'adamw'"):
+        AdamWConfig(name="sgd2")
+
+
+def test_a_schema_without_a_builder_is_rejected_naming_the_known_ones():
+    @dataclass
+    class SGDConfig(OptimConfig):
+        name: str = "sgd_without_builder"
+
+    try:
+        with pytest.raises(ValueError, match="no builder for SGDConfig.*known: MuonOptimConfig, AdamWConfig"):
+            build_optimizer(tiny_model(), SGDConfig(), "cpu")
+    finally:  # defining a subclass registers it (config.optimizer_schemas): let it be collected
+        del SGDConfig
+        gc.collect()
+    assert "sgd_without_builder" not in optimizer_schemas()
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "wsd", "constant"])
@@ -56,7 +75,7 @@ def test_cosine_decays_to_min_lr_through_the_midpoint():
     assert lr_at(110, 110, 2.0, s) == pytest.approx(0.2)
 
 
-def test_linear_and_wsd_shapes():
+def test_linear_is_halfway_at_the_midpoint_and_wsd_holds_the_lr_until_its_final_decay():
     lin = ScheduleConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0)
     assert lr_at(50, 100, 1.0, lin) == pytest.approx(0.5)
     wsd = ScheduleConfig(warmup_steps=10, decay="wsd", min_lr_ratio=0.0, decay_frac=0.2)
@@ -66,7 +85,7 @@ def test_linear_and_wsd_shapes():
 
 
 def test_scheduler_sets_the_optimizer_lr_each_step():
-    cfg = OptimConfig(lr=1e-2, schedule=ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.0))
+    cfg = AdamWConfig(lr=1e-2, schedule=ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.0))
     opt = build_optimizer(tiny_model(), cfg, "cpu")
     sched = build_scheduler(opt, cfg, max_steps=20)
     seen = []

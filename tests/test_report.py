@@ -1,7 +1,8 @@
 """Sweep report: the Student-t maths, arms and their statistics, verdicts, plots, unfinished jobs, the CLI.
 
-Synthetic sweeps are written by hand (the files a job writes, see trainer.py) with known numbers; one
-slow test runs a real 2x2 multirun through `python -m scaletrain.run -m` and reads it back.
+Synthetic sweeps are written by hand (the files a job writes, through records.py's writers, see
+trainer.py) with known numbers; one slow test runs a real 2x2 multirun through `python -m scaletrain.run -m`
+and reads it back. The contract between the trainer's records and the report is tested in test_records.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scaletrain import records
 from scaletrain import report as rp
 
 from .conftest import REPO
@@ -27,9 +29,18 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NOW = 1_800_000_000.0  # a fixed "now" so running / stopped do not depend on the wall clock
 
 
-def write_job(sweep: Path, num: int, overrides: list[str], val_loss: float | None = None, *,
-              curve: list[tuple[int, float]] = ((5, 6.0), (10, 5.5)), moe: list[tuple[int, float]] = (),
-              mtime: float = NOW - 3600.0, experiment: str | None = None, **summary_extra) -> Path:
+def write_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    val_loss: float | None = None,
+    *,
+    curve: list[tuple[int, float]] = ((5, 6.0), (10, 5.5)),
+    moe: list[tuple[int, float]] = (),
+    mtime: float = NOW - 3600.0,
+    experiment: str | None = None,
+    **summary_extra,
+) -> Path:
     """A job directory as Hydra + the trainer leave it; no summary.json when val_loss is None."""
     job = sweep / f"{num}_{','.join(o for o in overrides if '/' not in o)}"
     (job / ".hydra").mkdir(parents=True)
@@ -38,19 +49,34 @@ def write_job(sweep: Path, num: int, overrides: list[str], val_loss: float | Non
     seed = int(next(o.split("=")[1] for o in overrides if o.startswith("train.seed=")))
     (job / "config.json").write_text(json.dumps({"experiment": experiment, "train": {"seed": seed, "max_steps": 10}}))
     tokens_per_step = 512
-    records = [{"step": 0, "params/total": 1000}]
+    lines = [{"step": 0, "params/total": 1000}]
     for step, loss in curve:
-        records.append({"step": step, "train/loss": loss + 0.1, "train/tokens": step * tokens_per_step})
-        records.append({"step": step, "val/loss": loss, "val/bpb": loss / 2})
-        records.append({"step": step, "samples": ["Once upon a time"]})
-    records += [{"step": step, "moe/load_max_over_mean": v} for step, v in moe]
-    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        lines.append({"step": step, "train/loss": loss + 0.1, "train/tokens": step * tokens_per_step})
+        lines.append({"step": step, "val/loss": loss, "val/bpb": loss / 2})
+        lines.append({"step": step, "samples": ["Once upon a time"]})
+    lines += [{"step": step, "moe/load_max_over_mean": v} for step, v in moe]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if val_loss is not None:
         last = curve[-1][0]
-        summary = {"step": last, "tokens_seen": last * tokens_per_step, "val_loss": val_loss, "val_bpb": val_loss / 2,
-                   "params_total": 2_000_000, "params_active": 1_000_000, "flops_per_token": 1e6,
-                   "flops": 1e6 * last * tokens_per_step, "wallclock_s": 60.0 + num, **summary_extra}
-        (job / "summary.json").write_text(json.dumps(summary))
+        records.write_summary(
+            job,
+            records.Summary(
+                step=last,
+                tokens_seen=last * tokens_per_step,
+                val_loss=val_loss,
+                val_bpb=val_loss / 2,
+                params_total=2_000_000,
+                params_active=1_000_000,
+                params_embedding=500_000,
+                params_non_embedding=1_500_000,
+                flops_per_token=1e6,
+                flops=1e6 * last * tokens_per_step,
+                wallclock_s=60.0 + num,
+                run_name=job.name,
+                wandb_id=None,
+                **summary_extra,
+            ),
+        )
     for path in [*job.rglob("*"), job]:
         os.utime(path, (mtime, mtime))
     return job
@@ -62,8 +88,12 @@ def two_arm_sweep(sweep: Path, losses: dict[str, list[float]]) -> Path:
     n_seeds = len(losses[names[0]])
     for seed in range(n_seeds):
         for i, name in enumerate(names):
-            write_job(sweep, seed * len(names) + i, [f"model={name}", f"train.seed={seed + 1}", "train.max_steps=10"],
-                      losses[name][seed])
+            write_job(
+                sweep,
+                seed * len(names) + i,
+                [f"model={name}", f"train.seed={seed + 1}", "train.max_steps=10"],
+                losses[name][seed],
+            )
     return sweep
 
 
@@ -96,8 +126,17 @@ def test_t_cdf_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
     assert rp.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
 
 
-@pytest.mark.parametrize("q,dof,table", [(0.975, 1, 12.706), (0.975, 4, 2.776), (0.975, 10, 2.228),
-                                         (0.975, 30, 2.042), (0.95, 2, 2.920), (0.995, 5, 4.032)])
+@pytest.mark.parametrize(
+    "q,dof,table",
+    [
+        (0.975, 1, 12.706),
+        (0.975, 4, 2.776),
+        (0.975, 10, 2.228),
+        (0.975, 30, 2.042),
+        (0.95, 2, 2.920),
+        (0.995, 5, 4.032),
+    ],
+)
 def test_t_quantiles_match_the_printed_table(q, dof, table):
     assert rp.t_ppf(q, dof) == pytest.approx(table, abs=5e-4)
     assert rp.t_ppf(1 - q, dof) == pytest.approx(-table, abs=5e-4)
@@ -175,8 +214,7 @@ def test_a_clear_difference_names_the_better_arm_with_its_welch_numbers(tmp_path
     assert c.diff == pytest.approx(-0.30, abs=1e-12)
     assert c.ci95 == pytest.approx(2.7764451051977987 * se, rel=1e-9)
     assert c.p == pytest.approx(rp.t_sf2(0.30 / se, 4.0), rel=1e-9) and c.p < 1e-4
-    assert c.sentence == (f"moe_8x vs baseline_10m: -0.3000 ± {c.ci95:.4f} (p<0.0001, 3 vs 3 seeds) — "
-                          "moe_8x is better")
+    assert c.sentence == (f"moe_8x vs baseline_10m: -0.3000 ± {c.ci95:.4f} (p<0.0001, 3 vs 3 seeds) — moe_8x is better")
 
 
 def test_overlapping_arms_are_reported_within_noise(tmp_path):
@@ -216,8 +254,11 @@ def test_two_ablated_axes_label_arms_with_both_values(tmp_path):
         write_job(tmp_path, num, [f"model.activation={act}", f"model.norm={norm}", f"train.seed={seed}"], 3.0)
     r = rp.build_report(tmp_path, now=NOW)
     assert r.axes == ["model.activation", "model.norm"]
-    assert [a.label for a in r.arms] == ["model.activation=relu,model.norm=rms", "model.activation=gelu,model.norm=rms",
-                                         "model.activation=relu,model.norm=ln"]
+    assert [a.label for a in r.arms] == [
+        "model.activation=relu,model.norm=rms",
+        "model.activation=gelu,model.norm=rms",
+        "model.activation=relu,model.norm=ln",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,11 +269,16 @@ def test_plots_are_pngs_of_the_configured_size(tmp_path):
     sweep = tmp_path / "sweep"
     for seed in (1, 2):
         write_job(sweep, 2 * seed - 2, ["model=baseline_10m", f"train.seed={seed}"], 5.5)
-        write_job(sweep, 2 * seed - 1, ["model=moe_8x", f"train.seed={seed}"], 5.4,
-                  moe=[(5, 1.8 + seed / 10), (10, 1.3)])
+        write_job(
+            sweep, 2 * seed - 1, ["model=moe_8x", f"train.seed={seed}"], 5.4, moe=[(5, 1.8 + seed / 10), (10, 1.3)]
+        )
     paths = rp.write_report(rp.build_report(sweep, now=NOW))
-    assert [p.name for p in paths] == ["report.md", "val_loss_vs_tokens.png", "val_loss_vs_flops.png",
-                                       "moe_load_balance.png"]
+    assert [p.name for p in paths] == [
+        "report.md",
+        "val_loss_vs_tokens.png",
+        "val_loss_vs_flops.png",
+        "moe_load_balance.png",
+    ]
     for png in paths[1:]:
         assert png_size(png) == (rp.FIG_SIZE_IN[0] * rp.FIG_DPI, rp.FIG_SIZE_IN[1] * rp.FIG_DPI) == (1200, 800)
     assert "![val_loss_vs_flops](val_loss_vs_flops.png)" in (sweep / "report.md").read_text()
@@ -267,21 +313,32 @@ def test_a_failed_job_is_listed_as_failed_and_the_rest_still_reported(tmp_path):
     assert f"| 3 | failed | gelu | 2 | 10/10 | RuntimeError: loss is NaN | {failed} |" in md
 
 
-@pytest.mark.parametrize("marker,content,detail", [("error.txt", "Traceback...\nValueError: bad batch\n",
-                                                    "error.txt: ValueError: bad batch"), ("failed", "", "failed")])
-def test_an_error_file_marks_a_job_failed(tmp_path, marker, content, detail):
-    job = write_job(tmp_path, 0, ["model=a", "train.seed=1"], None, mtime=NOW)
-    (job / marker).write_text(content)
-    (j,) = rp.build_report(tmp_path, now=NOW).jobs
-    assert (j.status, j.detail) == ("failed", detail)
+def test_a_requeued_job_waiting_in_the_queue_is_requeued_not_stopped(tmp_path):
+    """Silent for hours while it waits for a node: the status it wrote, not the write age, decides."""
+    job = write_job(tmp_path, 0, ["model=a", "train.seed=1"], None, mtime=NOW - 3 * 3600)
+    (job / "checkpoints" / "step_0000010").mkdir(parents=True)  # a sharded (DCP) checkpoint folder
+    (job / "checkpoints" / "step_0000010" / ".metadata").write_bytes(b"")
+    (job / "checkpoints" / "step_0000010" / "extra.pt").write_bytes(b"")
+    (job / "status.json").write_text(
+        json.dumps(
+            {"state": "requeued", "step": 10, "pid": 1, "host": "node-7", "updated_at": "2027-01-15T08:00:00+0000"}
+        )
+    )
+    r = rp.build_report(tmp_path, now=NOW)
+    (j,) = r.jobs
+    assert (j.status, j.detail) == (
+        "requeued",
+        "preempted at step 10 and requeued since 2027-01-15T08:00:00+0000: "
+        "waits in the scheduler's queue, resumes from step_0000010",
+    )
+    assert "Jobs: 1 (1 requeued)" in r.markdown() and "| 0 | requeued |" in r.markdown()
 
 
-def test_status_json_outweighs_an_error_file_left_by_an_earlier_attempt(tmp_path):
-    job = write_job(tmp_path, 0, ["model=a", "train.seed=1"], None, mtime=NOW)
-    (job / "error.txt").write_text("RuntimeError: preempted\n")
-    (job / "status.json").write_text(json.dumps({"state": "running", "pid": 1, "host": "another-node"}))
+def test_an_unreadable_summary_marks_the_job_failed_naming_the_missing_fields(tmp_path):
+    job = write_job(tmp_path, 0, ["model=a", "train.seed=1"], 3.0)
+    (job / "summary.json").write_text(json.dumps({"step": 10, "val_loss": 3.0}))
     (j,) = rp.build_report(tmp_path, now=NOW).jobs
-    assert j.status == "running"
+    assert j.status == "failed" and j.detail.startswith("summary.json: summary lacks ['tokens_seen', 'val_bpb'")
 
 
 def test_submitit_errors_mark_their_jobs_failed(tmp_path):
@@ -299,13 +356,18 @@ def test_submitit_errors_mark_their_jobs_failed(tmp_path):
     (err / "77_0_submitted.pkl").write_bytes(pickle.dumps(DelayedSubmission(json.dumps, [], "hydra.sweep.dir", 0)))
     ok = tmp_path / ".submitit" / "77_1"
     ok.mkdir()
-    ret = JobReturn(hydra_cfg=OmegaConf.create({"hydra": {"job": {"num": 1}}}), status=JobStatus.FAILED,
-                    _return_value=RuntimeError("CUDA out of memory"))
+    ret = JobReturn(
+        hydra_cfg=OmegaConf.create({"hydra": {"job": {"num": 1}}}),
+        status=JobStatus.FAILED,
+        _return_value=RuntimeError("CUDA out of memory"),
+    )
     (ok / "77_1_0_result.pkl").write_bytes(pickle.dumps(("success", ret)))
     jobs = rp.build_report(tmp_path, now=NOW).jobs
     assert [(j.status, j.detail) for j in jobs] == [
-        ("failed", "submitit: SystemExit: 2"), ("failed", "submitit: RuntimeError('CUDA out of memory')"),
-        ("running", "last write 0 s ago")]
+        ("failed", "submitit: SystemExit: 2"),
+        ("failed", "submitit: RuntimeError('CUDA out of memory')"),
+        ("running", "last write 0 s ago"),
+    ]
 
 
 def test_a_job_writing_metrics_is_running_and_a_silent_one_is_stopped(tmp_path):
@@ -318,15 +380,22 @@ def test_a_job_writing_metrics_is_running_and_a_silent_one_is_stopped(tmp_path):
     r = rp.build_report(tmp_path, now=NOW, stale_after_s=1800)
     assert [(j.status, j.detail) for j in r.jobs] == [
         ("running", "last write 60 s ago"),
-        ("stopped", "no write for 3.0 h and no error record: killed, preempted, or failed under a launcher "
-                    "that records nothing; resume from step_0000010.pt with train.resume=auto")]
+        (
+            "stopped",
+            "no write for 3.0 h and no error record: killed, preempted, or failed under a launcher "
+            "that records nothing; resume from step_0000010.pt with train.resume=auto",
+        ),
+    ]
     assert "| 0 | running | all jobs | 1 | 5/10 |" in r.markdown()
     assert r.arm("all jobs").stat("val_loss").n == 0 and "| all jobs | 0/2 | — |" in r.markdown()
 
 
 def test_an_unfinished_job_followed_by_a_later_one_under_the_basic_launcher_has_failed(tmp_path):
-    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
-        "launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}}))
+    (tmp_path / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {"hydra": {"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}}
+        )
+    )
     write_job(tmp_path, 0, ["model=a", "train.seed=1"], None, mtime=NOW)
     write_job(tmp_path, 1, ["model=a", "train.seed=2"], 3.0, mtime=NOW)
     write_job(tmp_path, 2, ["model=a", "train.seed=3"], None, mtime=NOW)  # the job running now
@@ -341,14 +410,24 @@ def test_status_json_naming_a_dead_process_on_this_host_is_stopped(tmp_path):
     job = write_job(tmp_path, 0, ["model=a", "train.seed=1"], None, mtime=NOW)
     (job / "status.json").write_text(json.dumps({"state": "running", "pid": gone.pid, "host": socket.gethostname()}))
     (j,) = rp.build_report(tmp_path, now=NOW).jobs
-    assert (j.status, j.detail) == ("stopped", f"process {gone.pid} on this host is gone without a summary or an "
-                                               "error record")
+    assert (j.status, j.detail) == (
+        "stopped",
+        f"process {gone.pid} on this host is gone without a summary or an error record",
+    )
 
 
 def test_jobs_in_the_sweep_grid_without_a_directory_are_pending(tmp_path):
-    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"experiment": "act", "hydra": {
-        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
-        "overrides": {"task": ["train.seed=1,2", "model.activation=relu,gelu", "data.path=/x/y"]}}}))
+    (tmp_path / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "act",
+                "hydra": {
+                    "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+                    "overrides": {"task": ["train.seed=1,2", "model.activation=relu,gelu", "data.path=/x/y"]},
+                },
+            }
+        )
+    )
     write_job(tmp_path, 0, ["train.seed=1", "model.activation=relu", "data.path=/x/y"], 3.0)
     write_job(tmp_path, 1, ["train.seed=1", "model.activation=gelu", "data.path=/x/y"], None, mtime=NOW)
     r = rp.build_report(tmp_path, now=NOW)
@@ -361,15 +440,25 @@ def test_jobs_in_the_sweep_grid_without_a_directory_are_pending(tmp_path):
 
 
 def test_sweeper_params_of_an_experiment_expand_before_the_command_line_like_hydra(tmp_path):
-    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
-        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-                    "params": {"model": "baseline_10m,moe_8x"}},
-        "overrides": {"task": ["experiment=dense_vs_moe", "train.seed=1,2"]}}}))
+    (tmp_path / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "sweeper": {
+                        "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                        "params": {"model": "baseline_10m,moe_8x"},
+                    },
+                    "overrides": {"task": ["experiment=dense_vs_moe", "train.seed=1,2"]},
+                }
+            }
+        )
+    )
     assert rp.expected_overrides(tmp_path) == [
         ["model=baseline_10m", "experiment=dense_vs_moe", "train.seed=1"],
         ["model=baseline_10m", "experiment=dense_vs_moe", "train.seed=2"],
         ["model=moe_8x", "experiment=dense_vs_moe", "train.seed=1"],
-        ["model=moe_8x", "experiment=dense_vs_moe", "train.seed=2"]]
+        ["model=moe_8x", "experiment=dense_vs_moe", "train.seed=2"],
+    ]
 
 
 def test_a_job_nested_by_a_path_in_its_directory_name_is_found(tmp_path):
@@ -414,17 +503,37 @@ def test_cli_prints_the_report_and_writes_report_md(tmp_path, capsys):
 @pytest.mark.slow
 def test_real_two_by_two_multirun_reports_two_arms_of_two_seeds(tinystories_dir, data_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "scaletrain.run", "-m", "model=tiny", "train.seed=1,2", "model.activation=relu,gelu",
-           f"data.path={tinystories_dir}", f"data.cache_dir={data_cache}", "data.seq_len=64",
-           "data.tokenizer.vocab_size=512", "train.batch_size=8", "train.max_steps=10", "train.eval_every=5",
-           "train.eval_batches=2", "train.ckpt_every=0", "train.progress_bar=false", "train.measure_cpu_peak=false",
-           "train.sample_count=1", "train.sample_tokens=8", "train.device=cpu", "logging.wandb.mode=disabled",
-           f"hydra.sweep.dir={sweep}",
-           # The default subdir `<num>_<override_dirname>` exceeds the 255-byte file-name limit with this many
-           # overrides (and data.cache_dir's slashes nest it), so number the job directories only.
-           "hydra.sweep.subdir=${hydra.job.num}"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "WANDB_SILENT": "true"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "scaletrain.run",
+        "-m",
+        "model=tiny",
+        "train.seed=1,2",
+        "model.activation=relu,gelu",
+        f"data.path={tinystories_dir}",
+        f"data.cache_dir={data_cache}",
+        "data.seq_len=64",
+        "data.tokenizer.vocab_size=512",
+        "train.batch_size=8",
+        "train.max_steps=10",
+        "train.eval_every=5",
+        "train.eval_batches=2",
+        "train.ckpt_every=0",
+        "train.progress_bar=false",
+        "train.measure_cpu_peak=false",
+        "train.sample_count=1",
+        "train.sample_tokens=8",
+        "train.device=cpu",
+        "logging.wandb.mode=disabled",
+        f"hydra.sweep.dir={sweep}",
+        # The default subdir `<num>_<override_dirname>` exceeds the 255-byte file-name limit with this many
+        # overrides (and data.cache_dir's slashes nest it), so number the job directories only.
+        "hydra.sweep.subdir=${hydra.job.num}",
+    ]
+    res = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_SILENT": "true"}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     r = rp.build_report(sweep)
     assert r.axes == ["model.activation"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, read_metrics, read_summary, tiny_overrides, train_losses
 
 
 def _cluster_answers() -> str | None:
@@ -38,8 +38,13 @@ def _cluster_answers() -> str | None:
 _SKIP = _cluster_answers()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 
-CPU_JOB = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.cpus_per_task=1", "cluster.partition=debug",
-           "cluster.timeout_min=30"]
+CPU_JOB = [
+    "cluster=slurm",
+    "cluster.gpus_per_node=0",
+    "cluster.cpus_per_task=1",
+    "cluster.partition=debug",
+    "cluster.timeout_min=30",
+]
 
 
 def _env() -> dict[str, str]:
@@ -51,20 +56,17 @@ def _sweep_cmd(*overrides: object) -> list[str]:
     return [sys.executable, "-m", "scaletrain.run", "-m", *CPU_JOB, *map(str, overrides)]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in _metrics(run_dir) if "train/loss" in r}
-
-
 def _sacct_states(job_id: str, timeout_s: float = 60) -> dict[str, str]:
     """Final accounting states (the client returns once the results are written; the jobs end a bit later)."""
     deadline = time.time() + timeout_s
     while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         states = dict(line.split("|") for line in out.splitlines())  # "CANCELLED by 0" has spaces
         if time.time() > deadline or not {"PENDING", "RUNNING", "COMPLETING", "REQUEUED"} & set(states.values()):
             return states
@@ -73,17 +75,23 @@ def _sacct_states(job_id: str, timeout_s: float = 60) -> dict[str, str]:
 
 def test_a_two_job_sweep_runs_through_sbatch_and_records_its_slurm_job_ids(tinystories_dir, data_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = _sweep_cmd("cluster.tasks_per_node=1", "train.seed=1,2", *tiny_overrides(tinystories_dir, data_cache),
-                     f"hydra.sweep.dir={sweep}")
+    cmd = _sweep_cmd(
+        "cluster.tasks_per_node=1",
+        "train.seed=1,2",
+        *tiny_overrides(tinystories_dir, data_cache),
+        f"hydra.sweep.dir={sweep}",
+    )
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
     assert res.returncode == 0, res.stderr[-4000:]
     records = [json.loads((sweep / str(n) / "run_info.json").read_text())["cluster"] for n in (0, 1)]
     array_id = records[0]["SLURM_ARRAY_JOB_ID"]
     assert [(r["launcher"], r["SLURM_ARRAY_JOB_ID"], r["SLURM_ARRAY_TASK_ID"]) for r in records] == [
-        ("submitit-slurm", array_id, "0"), ("submitit-slurm", array_id, "1")]
+        ("submitit-slurm", array_id, "0"),
+        ("submitit-slurm", array_id, "1"),
+    ]
     assert records[0]["SLURM_JOB_ID"] != records[1]["SLURM_JOB_ID"]
     for n in (0, 1):
-        assert json.loads((sweep / str(n) / "summary.json").read_text())["step"] == 20
+        assert read_summary(sweep / str(n))["step"] == 20
         assert json.loads((sweep / str(n) / "status.json").read_text())["state"] == "finished"
         assert Path(records[n]["log_stdout"]).is_file()
     assert _sacct_states(array_id) == {f"{array_id}_0": "COMPLETED", f"{array_id}_1": "COMPLETED"}
@@ -106,17 +114,36 @@ def _step(run_dir: Path) -> int:
         return 0
 
 
-def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(tinystories_dir, data_cache,
-                                                                               tmp_path):
-    steps = {"train.max_steps": 60, "train.log_every": 1, "train.eval_every": 0, "train.ckpt_every": 0,
-             "train.sample_count": 0}
+def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(tinystories_dir, data_cache, tmp_path):
+    steps = {
+        "train.max_steps": 60,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.ckpt_every": 0,
+        "train.sample_count": 0,
+    }
     overrides = tiny_overrides(tinystories_dir, data_cache, **steps, **{"train.parallel": "fsdp"})
     # the same two FSDP2 ranks, uninterrupted (over 60 steps, one process drifts away from two by float
     # summation order: ~1e-6 for a dozen steps, then growing; the sharded layout must match exactly)
     reference = tmp_path / "reference"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "scaletrain.run", *overrides, f"hydra.run.dir={reference}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=600, env=_env())
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "scaletrain.run",
+            *overrides,
+            f"hydra.run.dir={reference}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     sweep = tmp_path / "sweep"
@@ -138,11 +165,13 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     assert "SIGUSR2: checkpoint saved, job requeued" in log
     stopped_at = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
     assert 5 <= stopped_at < 60
-    losses = _losses(job)
-    assert sorted(losses) == list(range(1, 61))  # each step once: records after the checkpoint were dropped
-    assert [losses[s] for s in range(1, 61)] == pytest.approx([_losses(reference)[s] for s in range(1, 61)],
-                                                               abs=1e-6)
-    summary = json.loads((job / "summary.json").read_text())
+    logged = [r["step"] for r in read_metrics(job) if "train/loss" in r]
+    assert logged == list(range(1, 61))  # each step once, in order: records after the checkpoint were dropped
+    losses = train_losses(job)
+    assert [losses[s] for s in range(1, 61)] == pytest.approx(
+        [train_losses(reference)[s] for s in range(1, 61)], abs=1e-6
+    )
+    summary = read_summary(job)
     assert summary["step"] == 60
     # FSDP2 checkpoints are sharded DCP folders: the one written on the signal, and the final one
     ckpts = sorted(p for p in (job / "checkpoints").iterdir() if not p.name.startswith("."))
@@ -157,10 +186,19 @@ def test_a_cancelled_job_saves_its_step_and_stays_cancelled(tinystories_dir, dat
     that is ending), so the trainer only requeues a job that is still RUNNING."""
     sweep = tmp_path / "sweep"
     job = sweep / "0"
-    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 200, "train.log_every": 1,
-                                                             "train.eval_every": 0, "train.ckpt_every": 0})
-    proc = subprocess.Popen(_sweep_cmd("cluster.tasks_per_node=1", *overrides, f"hydra.sweep.dir={sweep}"),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    overrides = tiny_overrides(
+        tinystories_dir,
+        data_cache,
+        **{"train.max_steps": 200, "train.log_every": 1, "train.eval_every": 0, "train.ckpt_every": 0},
+    )
+    proc = subprocess.Popen(
+        _sweep_cmd("cluster.tasks_per_node=1", *overrides, f"hydra.sweep.dir={sweep}"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     try:
         _wait_for(lambda: _step(job) >= 3, 300, "step 3 of the job", proc)
         job_id = json.loads((job / "run_info.json").read_text())["cluster"]["SLURM_JOB_ID"]
@@ -179,8 +217,14 @@ def test_a_cancelled_job_saves_its_step_and_stays_cancelled(tinystories_dir, dat
 def test_a_job_that_raises_is_reported_as_failed_with_its_log_file(tinystories_dir, data_cache, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = tiny_overrides(tinystories_dir, data_cache, **{"data.path": tmp_path / "no_such_corpus"})
-    res = subprocess.run(_sweep_cmd("cluster.tasks_per_node=1", *overrides, f"hydra.sweep.dir={sweep}"), cwd=REPO,
-                         capture_output=True, text=True, timeout=600, env=_env())
+    res = subprocess.run(
+        _sweep_cmd("cluster.tasks_per_node=1", *overrides, f"hydra.sweep.dir={sweep}"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert res.returncode != 0
     assert "job 0 (" in res.stderr and "failed: DataError" in res.stderr
     log = Path(res.stderr.split("log: ")[1].split()[0])
@@ -190,9 +234,19 @@ def test_a_job_that_raises_is_reported_as_failed_with_its_log_file(tinystories_d
 
 def test_a_job_whose_command_dies_is_reported_failed_with_its_log_path(tinystories_dir, data_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    res = subprocess.run(_sweep_cmd("cluster.tasks_per_node=1", "cluster.setup=[exit 3]",
-                                    *tiny_overrides(tinystories_dir, data_cache), f"hydra.sweep.dir={sweep}"),
-                         cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    res = subprocess.run(
+        _sweep_cmd(
+            "cluster.tasks_per_node=1",
+            "cluster.setup=[exit 3]",
+            *tiny_overrides(tinystories_dir, data_cache),
+            f"hydra.sweep.dir={sweep}",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert res.returncode != 0
     assert "has not produced any output (state: FAILED)" in res.stderr
     assert str(sweep / ".submitit") in res.stderr  # submitit names the job's log files
