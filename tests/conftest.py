@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,10 @@ def tiny_overrides(data_dir: Path, cache: Path, **extra: object) -> list[str]:
     The list works both for compose_cfg and on the command line of `python -m scaletrain.run`."""
     paths = {"data.path": data_dir, "data.cache_dir": cache}
     return [f"debug={DEBUG}", NO_LOCAL, *(f"{k}={v}" for k, v in {**paths, **extra}.items())]
+
+
+# two gloo ranks on this machine: the prefix of every torchrun command in the tests
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

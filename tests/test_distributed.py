@@ -27,7 +27,7 @@ from scaletrain.moe import MoE
 from scaletrain.optim import build_optimizer
 from scaletrain.trainer import train
 
-from .conftest import REPO, compose_cfg, read_metrics, read_summary, tiny_overrides
+from .conftest import REPO, TORCHRUN_2, compose_cfg, read_metrics, read_summary, tiny_overrides
 
 STEPS = 6
 _LAUNCH_VARS = (
@@ -220,11 +220,7 @@ def _run(cmd: list[str]) -> None:
 def _torchrun(overrides: list[str], run_dir: Path) -> None:
     _run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *TORCHRUN_2,
             "-m",
             "scaletrain.run",
             *overrides,
@@ -275,11 +271,7 @@ def _torchrun_instrumented(overrides: list[str], run_dir: Path, *flags: str) -> 
     script.write_text(_INSTRUMENTED_RUN)
     _run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *TORCHRUN_2,
             str(script),
             str(run_dir),
             *flags,

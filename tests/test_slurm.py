@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, read_metrics, read_summary, tiny_overrides, train_losses
+from .conftest import REPO, TORCHRUN_2, read_metrics, read_summary, tiny_overrides, train_losses
 
 
 def _cluster_answers() -> str | None:
@@ -128,11 +128,7 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     reference = tmp_path / "reference"
     res = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *TORCHRUN_2,
             "-m",
             "scaletrain.run",
             *overrides,
