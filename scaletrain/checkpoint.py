@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -39,8 +40,21 @@ from scaletrain.records import (
 )
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used; the message names the file and why."""
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # type: ignore[misc]
+    numpy_state = {
+        "kind": str(kind),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +62,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -167,5 +183,15 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds RNG tuples and numpy arrays; checkpoints are our own files.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A full checkpoint (or a sharded one's extra.pt), unpickled with weights_only=True: tensors, containers
+    and plain values only, so a file cannot run code while it loads. Anything else is refused, naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln]
+        what = lines[0] if lines else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused: loading it would need arbitrary unpickling ({what}). scaletrain reads checkpoints "
+            "with torch.load(weights_only=True), so a file cannot run code; checkpoints written before "
+            "2026-11-27 stored numpy RNG state that way and cannot be resumed"
+        ) from None

@@ -350,10 +350,11 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """USR2 and SIGTERM set a flag (nothing else happens inside the handler); `requested()` after each
-    step tells every rank whether any rank got one, so all ranks stop at the same step."""
+    """USR2, SIGTERM and Ctrl-C (SIGINT) set a flag (nothing else happens inside the handler); `requested()`
+    after each step tells every rank whether any rank got one, so all ranks stop at the same step and save.
+    A second Ctrl-C aborts at once (KeyboardInterrupt), for a step that never ends."""
 
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, device: torch.device):
         self.device, self.signum = device, 0
@@ -371,6 +372,11 @@ class Preemption:
             signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
+        if signum == signal.SIGINT:
+            print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)",
+                  file=sys.stderr)
         self.signum = self.signum or signum
 
     def requested(self) -> bool:
@@ -413,6 +419,8 @@ def requeue_or_stop(env: DistEnv, max_requeues: int, signum: int) -> tuple[str, 
     RUNNING (a cancelled job is COMPLETING and stays cancelled) and at most `max_requeues` times.
     submitit's local executor restarts a job whose tasks exit with code 144. Elsewhere: just stop.
     """
+    if signum == signal.SIGINT:  # a person pressed Ctrl-C: stop, never requeue
+        return "stopped", 128 + signum
     if os.environ.get("SUBMITIT_EXECUTOR") == "local":
         return "requeued", SUBMITIT_LOCAL_REQUEUE_CODE
     job_id = os.environ.get("SLURM_JOB_ID")
