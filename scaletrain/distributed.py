@@ -375,8 +375,10 @@ class Preemption:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
         if signum == signal.SIGINT:
-            print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)",
-                  file=sys.stderr)
+            print(
+                "Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)",
+                file=sys.stderr,
+            )
         self.signum = self.signum or signum
 
     def requested(self) -> bool:
