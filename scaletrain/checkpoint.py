@@ -161,6 +161,17 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
     return load_checkpoint(path / SHARDED_EXTRA)
 
 
+def remove_leftovers(ckpt_dir: Path) -> list[Path]:
+    """Remove the hidden temporary files and folders (`.step_*...tmp`) that a save killed midway left in
+    `ckpt_dir`; returns what was removed. Call before the run's first save, on the rank that writes."""
+    if not ckpt_dir.is_dir():
+        return []
+    leftovers = sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(".step_") and p.name.endswith(".tmp"))
+    for path in leftovers:
+        _remove(path)
+    return leftovers
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     """Map `train.resume` to a checkpoint: none -> None, auto -> latest in run_dir (or None), PATH -> that
     file or sharded folder, or the latest checkpoint in that run directory / checkpoints folder."""

@@ -258,8 +258,15 @@ class Trainer:
         # earlier attempt of this job (preempted and requeued), so continue from it
         resume = "auto" if self.tc.resume == "none" and distributed.in_cluster_job() else self.tc.resume
         resume_from = ckpt.resolve_resume(resume, self.run_dir)
+        if self.dist.is_main:
+            for path in ckpt.remove_leftovers(self.run_dir / records.CKPT_DIR):
+                log.warning("removed %s: left by a checkpoint save that did not finish", path)
         if resume_from is not None:
             wandb_id = self.restore(resume_from)
+        elif resume == "auto":
+            log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.run_dir / records.CKPT_DIR)
+            if self.dist.is_main:  # records of an attempt killed before its first checkpoint: its steps rerun
+                truncate_metrics(self.run_dir, -1)
 
         self.logger = (
             MetricsLogger(self.run_dir, cfg.logging.wandb, to_dict(cfg), run_name, wandb_id)

@@ -297,3 +297,23 @@ def test_rng_states_survive_a_weights_only_checkpoint_round_trip(tmp_path):
     first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
     ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
+
+
+def test_resume_auto_without_a_checkpoint_says_so_drops_old_records_and_removes_save_leftovers(
+    tinystories_dir, data_cache, tmp_path, caplog
+):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".step_0000010.tmp").mkdir(parents=True)  # a sharded save killed midway
+    (run_dir / "checkpoints" / ".step_0000010.pt.123-abcd.tmp").write_bytes(b"partial")  # a full one
+    # an attempt killed before its first checkpoint logged steps 1..3
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "train/loss": 9.0}) + "\n" for s in (1, 2, 3))
+    )
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 5, "train.resume": "auto"})
+    with caplog.at_level("INFO", logger="scaletrain"):
+        train(compose_cfg(overrides), run_dir)
+    assert f"train.resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting fresh" in caplog.text
+    assert "removed" in caplog.text and ".step_0000010.tmp" in caplog.text
+    steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert steps == [5] and 9.0 not in [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000005.pt"]
