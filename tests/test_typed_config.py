@@ -195,3 +195,17 @@ def test_run_info_records_the_cpu_model_its_speed_flags_and_cores():
         assert "avx2" in info["flags"]
     assert set(info["flags"]) <= {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"}
     json.dumps(info)  # plain JSON for run_info.json
+
+
+@pytest.mark.slow
+def test_a_cli_run_logs_to_its_run_log_and_shows_no_progress_bar_without_a_terminal(
+    tmp_path, tinystories_dir, data_cache
+):
+    from .conftest import tiny_overrides
+
+    overrides = tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 5, "train.progress_bar": True})
+    res = run_cli(*overrides, f"hydra.run.dir={tmp_path}/run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = (tmp_path / "run" / "run.log").read_text()  # Hydra's file handler: what the console showed
+    assert "model tiny:" in log and "done: step 5" in log and "step 5/5: loss" in log
+    assert "\r" not in res.stderr and "it/s" not in res.stderr  # stderr is a pipe here: no tqdm bar
