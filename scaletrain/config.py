@@ -400,11 +400,22 @@ class TrainConfig:
     matmul_peak_tflops: float | None = None  # override the peak used for MFU
     measure_cpu_peak: bool = True  # on CPU, time a matmul at start-up to get a peak for MFU
     cpu_malloc_cache: bool = True  # on CPU, glibc malloc keeps freed memory (see hardware.configure_cpu_malloc)
+    # a step whose loss or gradient norm is NaN/Inf is skipped (no optimizer or schedule step); after this many
+    # in a row the run stops as failed. 0 = no guard (and no per-step host sync for it)
+    max_nonfinite: int = 5
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be positive, got {getattr(self, key)}")
-        for key in ("eval_every", "ckpt_every", "ckpt_keep", "sample_count", "sample_tokens", "sample_top_k"):
+        for key in (
+            "eval_every",
+            "ckpt_every",
+            "ckpt_keep",
+            "sample_count",
+            "sample_tokens",
+            "sample_top_k",
+            "max_nonfinite",
+        ):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0 (0 = off), got {getattr(self, key)}")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         dev = self.device

@@ -146,7 +146,7 @@ class MetricsLogger:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self._jsonl.write(json.dumps({records.STEP: step, **metrics}) + "\n")
+        self._jsonl.write(records.to_json({records.STEP: step, **metrics}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
@@ -154,7 +154,7 @@ class MetricsLogger:
         """Per-expert token counts and the like: raw lists in metrics.jsonl, bar histograms in W&B."""
         if not values:
             return
-        self._jsonl.write(json.dumps({records.STEP: step, **values}) + "\n")
+        self._jsonl.write(records.to_json({records.STEP: step, **values}) + "\n")
         if self.wandb_run is not None:
             import wandb
 
@@ -164,7 +164,7 @@ class MetricsLogger:
             )
 
     def log_samples(self, step: int, samples: list[str]) -> None:
-        self._jsonl.write(json.dumps({records.STEP: step, records.SAMPLES: samples}) + "\n")
+        self._jsonl.write(records.to_json({records.STEP: step, records.SAMPLES: samples}) + "\n")
         if self.wandb_run is not None:
             import wandb
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import secrets
@@ -95,8 +96,24 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     return path
 
 
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every NaN/Inf float replaced by None, so JSON writers emit `null` (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON: NaN/Inf become null (json.dumps would write the non-standard NaN / Infinity)."""
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    return atomic_write(path, to_json(obj, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> Any:

@@ -13,7 +13,9 @@ each step the loop asks whether SLURM's warning signal (USR2) or SIGTERM arrived
 checkpoints, requeues the job and exits; the requeued job resumes from that checkpoint.
 
 Console output goes through `logging` (logger "scaletrain"), so Hydra's `<job>.log` holds what the console
-showed; host-device syncs (`.item()`) happen only on logging, eval and checkpoint steps.
+showed. Host-device syncs (`.item()`): one per step for the NaN/Inf guard (a non-finite loss or gradient
+norm skips the update; `train.max_nonfinite=0` turns the guard and its sync off), the rest only on logging,
+eval and checkpoint steps.
 """
 
 from __future__ import annotations
@@ -166,15 +168,37 @@ def forward_backward(
     return lm.detach(), aux
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> torch.Tensor:
-    """Clip, step, advance the schedule, update MoE selection biases, zero grads -> pre-clip grad norm."""
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/Inf: too many skipped steps in a row, or weights that must not be checkpointed."""
+
+
+def all_ranks_agree(ok: torch.Tensor) -> bool:
+    """True when `ok` (a bool scalar on the device) holds on every rank: one host sync (+ one all-reduce)."""
+    if torch.distributed.is_initialized():
+        flag = ok.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(ok.item())
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, loss: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Clip, step, advance the schedule, update MoE selection biases, zero grads -> (pre-clip grad norm, stepped).
+    With `loss` given (the NaN/Inf guard), a step whose loss or gradient norm is not finite on any rank is
+    skipped: gradients dropped, no optimizer or schedule step. That check is the step's one host sync."""
     clip = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # a device tensor: no sync here
+    if loss is not None:
+        norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP2: over all shards
+        if not all_ranks_agree(torch.isfinite(norm) & torch.isfinite(loss)):
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm, False
     optimizer.step()
     scheduler.step()  # LambdaLR: the lr of the next step
     update_moe_biases(model)  # aux-loss-free balancing: once per optimizer step, outside the gradient path
     optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
-    return grad_norm
+    return grad_norm, True
 
 
 @torch.no_grad()
@@ -254,6 +278,7 @@ class Trainer:
         if cfg.optim.name == "muon":  # the audit trail of which optimizer updates which parameter
             log.info(format_param_split(self.model))
         self.step, self.tokens_seen, self.elapsed_before, wandb_id = 0, 0, 0.0, None
+        self.skipped_steps, self.nonfinite_in_a_row = 0, 0  # NaN/Inf guard (train.max_nonfinite)
         # A cluster job's run directory belongs to one sweep point: a checkpoint there comes from an
         # earlier attempt of this job (preempted and requeued), so continue from it
         resume = "auto" if self.tc.resume == "none" and distributed.in_cluster_job() else self.tc.resume
@@ -313,6 +338,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state.get("wallclock_s", 0.0)
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -322,7 +348,14 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def save(self) -> None:
-        """Checkpoint this step in `train.ckpt_format` (every rank calls this)."""
+        """Checkpoint this step in `train.ckpt_format` (every rank calls this); never from non-finite weights,
+        so the newest checkpoint is always one a run can continue from."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]  # FSDP2: own shard
+        if not all_ranks_agree(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()):
+            raise NonFiniteError(
+                f"weights are not finite at step {self.step}: not checkpointing them; the last "
+                "checkpoint holds finite weights: lower optim.lr or check the data"
+            )
         extra = {
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
@@ -331,6 +364,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "wandb_id": self.logger.wandb_id,
             "wallclock_s": self.wallclock(),
+            "skipped_steps": self.skipped_steps,
             "config": to_dict(self.cfg),
         }
         fmt = self.tc.ckpt_format
@@ -345,8 +379,9 @@ class Trainer:
                 self.run_dir, self.step, {"model": model_sd, "optimizer": optim_sd, **extra}, self.tc.ckpt_keep
             )
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches -> (LM loss, aux loss, grad norm), device tensors."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over grad_accum micro-batches -> (LM loss, aux loss, grad norm, stepped): device
+        tensors, and False when the NaN/Inf guard skipped the update (then `step` does not advance)."""
         accum = self.tc.grad_accum
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
@@ -358,10 +393,32 @@ class Trainer:
                 lm, aux = forward_backward(self.c.fwd, x, y, self.autocast, 1.0 / accum)
             lm_sum += lm / accum  # stays on the device: no host sync until a logging step
             aux_sum += aux / accum
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.tc.grad_clip)
-        self.step += 1
-        self.tokens_seen += self.tokens_per_step
-        return lm_sum, aux_sum, grad_norm
+        guard = lm_sum if self.tc.max_nonfinite > 0 else None
+        grad_norm, stepped = optimizer_step(self.model, self.optimizer, self.scheduler, self.tc.grad_clip, guard)
+        self.tokens_seen += self.tokens_per_step  # the batch was consumed either way
+        if stepped:
+            self.step += 1
+        return lm_sum, aux_sum, grad_norm, stepped
+
+    def skipped(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The guard skipped an update: count it, say so, and stop after train.max_nonfinite in a row."""
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        log.warning(
+            "after step %d: loss %s, gradient norm %s: update skipped (%d in a row, %d in all)",
+            self.step,
+            loss.item(),
+            norm.item(),
+            self.nonfinite_in_a_row,
+            self.skipped_steps,
+        )
+        if self.nonfinite_in_a_row >= self.tc.max_nonfinite:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient norm "
+                f"after step {self.step} (train.max_nonfinite={self.tc.max_nonfinite}); the last "
+                "checkpoint holds finite weights: lower optim.lr or check the data"
+            )
 
     def log_train(
         self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor, steps: int, seconds: float
@@ -371,6 +428,7 @@ class Trainer:
         if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards
             grad_norm = grad_norm.full_tensor()
         m = {
+            "train/skipped_steps": self.skipped_steps,
             records.TRAIN_LOSS: loss.item(),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": grad_norm.item(),
@@ -417,7 +475,13 @@ class Trainer:
         # with a bar, console log lines print above it instead of through it (the log file is untouched)
         with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
             while self.step < tc.max_steps:
-                loss, aux, grad_norm = self.train_step()
+                loss, aux, grad_norm, stepped = self.train_step()
+                if not stepped:  # no update: nothing to log, evaluate or save for this batch
+                    self.skipped(loss, grad_norm)
+                    if self.preempt.requested():
+                        self.stop_for_preemption(saved=False)
+                    continue
+                self.nonfinite_in_a_row = 0
                 if self.is_moe and self.step == 1:
                     log.info("MoE dispatch: %s", "; ".join(sorted({m.dispatch for m in moe_layers(self.model)})))
                 steps_in_window += 1
