@@ -23,6 +23,7 @@ import pickle
 import random
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from scaletrain.records import (
     is_sharded_checkpoint,
     list_checkpoints,
 )
+
+CHECKSUMS = "checksums"  # key of the {tensor path: CRC-32} map inside every checkpoint file
 
 
 class CheckpointError(RuntimeError):
@@ -83,12 +86,32 @@ def _rotate(ckpt_dir: Path, keep: int) -> None:
             _remove(old)
 
 
+def tensor_checksums(obj: Any, prefix: str = "") -> dict[str, int]:
+    """CRC-32 of every tensor's bytes in a nested state, by its path ("model.W_ue.weight"). Written by hand
+    because torch.save has no integrity check: a bit flip in tensor data loads silently. CRC-32 (zlib, ~GB/s)
+    is for corruption, not tampering; weights_only loading is the guard against malicious files."""
+    if isinstance(obj, torch.Tensor):
+        data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        return {prefix: zlib.crc32(data.tobytes() if not data.flags.c_contiguous else data.data)}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out: dict[str, int] = {}
+    for key, value in items:
+        out.update(tensor_checksums(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _save_verified(path: Path, state: dict[str, Any]) -> None:
+    """torch.save with the tensors' checksums inside, atomically."""
+    atomic_write(path, lambda f: torch.save({**state, CHECKSUMS: tensor_checksums(state)}, f))
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Full format: atomically write `state` as the checkpoint of `step`; keep the `keep` newest (0 = all)."""
+    """Full format: atomically write `state` (with checksums) as the checkpoint of `step`; keep the `keep`
+    newest (0 = all)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / checkpoint_name(step, sharded=False)
-    atomic_write(path, lambda f: torch.save(state, f))
+    _save_verified(path, state)
     _rotate(ckpt_dir, keep)
     return path
 
@@ -136,7 +159,7 @@ def save_sharded_checkpoint(
             no_dist=not torch.distributed.is_initialized(),
         )
     if is_main:
-        atomic_write(tmp / SHARDED_EXTRA, lambda f: torch.save(extra, f))
+        _save_verified(tmp / SHARDED_EXTRA, extra)
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that stopped right after saving)
             _remove(final)
@@ -172,30 +195,53 @@ def remove_leftovers(ckpt_dir: Path) -> list[Path]:
     return leftovers
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """Map `train.resume` to a checkpoint: none -> None, auto -> latest in run_dir (or None), PATH -> that
-    file or sharded folder, or the latest checkpoint in that run directory / checkpoints folder."""
+def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
+    """The checkpoints `train.resume` may continue from, newest first: none -> [], auto -> run_dir's (or []),
+    PATH -> that file or sharded folder alone, or the checkpoints of that run directory / checkpoints folder.
+    The trainer takes the first that loads and verifies, warning about each damaged one it skips."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        ckpts = list_checkpoints(Path(run_dir) / CKPT_DIR)
-        return ckpts[-1] if ckpts else None
+        return list_checkpoints(Path(run_dir) / CKPT_DIR)[::-1]
     path = Path(resume).expanduser()
     if path.is_file() or is_sharded_checkpoint(path):
-        return path
+        return [path]
     for folder in (path / CKPT_DIR, path):
         ckpts = list_checkpoints(folder)
         if ckpts:
-            return ckpts[-1]
+            return ckpts[::-1]
     raise FileNotFoundError(
         f"train.resume={resume!r}: no checkpoint found; expected a step_*.pt file, a sharded step_* folder, "
         f"a run directory with {CKPT_DIR}/step_*, or 'auto' / 'none'"
     )
 
 
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """The newest of `resume_candidates` (None when there is none)."""
+    candidates = resume_candidates(resume, run_dir)
+    return candidates[0] if candidates else None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A full checkpoint (or a sharded one's extra.pt), unpickled with weights_only=True: tensors, containers
-    and plain values only, so a file cannot run code while it loads. Anything else is refused, naming it."""
+    """A full checkpoint (or a sharded one's extra.pt), unpickled with weights_only=True (tensors, containers
+    and plain values only, so a file cannot run code while it loads) and checked against the checksums saved
+    in it. CheckpointError, naming the file and what is wrong, for a file that is refused, unreadable
+    (truncated, zeroed, a damaged zip directory) or damaged (a tensor's bytes changed)."""
+    state = _unpickle(path)
+    saved = state.pop(CHECKSUMS, None) if isinstance(state, dict) else None
+    if saved is None:
+        raise CheckpointError(f"{path}: no checksums in it (written by an older scaletrain, or not a checkpoint)")
+    now = tensor_checksums(state)
+    bad = [key for key in saved if now.get(key) != saved[key]] + [key for key in now if key not in saved]
+    if bad:
+        raise CheckpointError(
+            f"{path}: damaged: the bytes of {len(bad)} tensor(s) changed since it was saved "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        )
+    return state
+
+
+def _unpickle(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -206,3 +252,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "with torch.load(weights_only=True), so a file cannot run code; checkpoints written before "
             "2026-11-27 stored numpy RNG state that way and cannot be resumed"
         ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # truncated / zeroed file, broken zip directory
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {first})") from None

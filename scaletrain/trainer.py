@@ -282,12 +282,12 @@ class Trainer:
         # A cluster job's run directory belongs to one sweep point: a checkpoint there comes from an
         # earlier attempt of this job (preempted and requeued), so continue from it
         resume = "auto" if self.tc.resume == "none" and distributed.in_cluster_job() else self.tc.resume
-        resume_from = ckpt.resolve_resume(resume, self.run_dir)
+        candidates = ckpt.resume_candidates(resume, self.run_dir)
         if self.dist.is_main:
             for path in ckpt.remove_leftovers(self.run_dir / records.CKPT_DIR):
                 log.warning("removed %s: left by a checkpoint save that did not finish", path)
-        if resume_from is not None:
-            wandb_id = self.restore(resume_from)
+        if candidates:
+            wandb_id = self.restore_newest_good(candidates)
         elif resume == "auto":
             log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.run_dir / records.CKPT_DIR)
             if self.dist.is_main:  # records of an attempt killed before its first checkpoint: its steps rerun
@@ -325,6 +325,16 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.preempt = distributed.Preemption(self.device)  # handlers are installed around fit() by train()
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len * self.tc.grad_accum
+
+    def restore_newest_good(self, candidates: list[Path]) -> str | None:
+        """Restore the newest checkpoint that loads and verifies; each damaged one is skipped with a warning
+        naming it and why. Fails when none is usable."""
+        for path in candidates:
+            try:
+                return self.restore(path)
+            except ckpt.CheckpointError as err:
+                log.warning("WARNING: skipping checkpoint %s: %s", path, err)
+        raise ckpt.CheckpointError(f"no usable checkpoint among {[str(p) for p in candidates]} (see the warnings)")
 
     def restore(self, path: Path) -> str | None:
         """Load a checkpoint (either format) into every component; returns the W&B run id to continue."""

@@ -293,9 +293,9 @@ def test_rng_states_survive_a_weights_only_checkpoint_round_trip(tmp_path):
 
     from scaletrain import checkpoint as ckpt
 
-    torch.save({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    path = ckpt.save_checkpoint(tmp_path, 1, {"rng": ckpt.rng_state()}, keep=0)
     first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
-    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
 
 
