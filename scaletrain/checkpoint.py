@@ -47,6 +47,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used; the message names the file and why."""
 
 
+class CheckpointIncompatible(ValueError):
+    """A sound checkpoint that this run's config cannot continue (the message lists each key, both values)."""
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain Python values, so checkpoints load with weights_only=True."""
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # type: ignore[misc]
@@ -182,6 +186,59 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
         dcp_load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return load_checkpoint(path / SHARDED_EXTRA)
+
+
+# Config keys a checkpoint cannot be loaded or continued under when they change: the shapes of the model and
+# its state, the tokenizer, the optimizer's kind, and what the data loader's position means.
+_FIXED = (
+    "model.",
+    "moe.",
+    "data.tokenizer.",
+    "data.seq_len",
+    "optim.name",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.seed",
+)
+_FIXED_EXCEPT = ("model.dropout", "model.attn_dropout", "moe.impl", "moe.router_jitter", "model.name", "moe.name")
+# Keys that say where or how a run executes, not what it trains: never reported
+_NOT_TRAINING = (
+    "train.resume",
+    "train.device",
+    "train.progress_bar",
+    "train.measure_cpu_peak",
+    "logging.",
+    "cluster.",
+    "data.path",
+    "data.cache_dir",
+    "data.num_proc",
+    "experiment",
+    "train.cpu_malloc_cache",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes that forbid resuming, changes that apply from here on), one 'key: now (checkpoint: saved)'
+    line each. Hyperparameters (lr, schedule, max_steps, cadences, dropout, ...) apply; shapes and the data
+    order do not."""
+    a, b = _flatten(saved), _flatten(now)
+    blocking, applied = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or key.startswith(_NOT_TRAINING):
+            continue
+        line = f"{key}: {b.get(key, '(absent)')} (checkpoint: {a.get(key, '(absent)')})"
+        fixed = key.startswith(_FIXED) and not key.startswith(_FIXED_EXCEPT)
+        (blocking if fixed else applied).append(line)
+    return blocking, applied
 
 
 def remove_leftovers(ckpt_dir: Path) -> list[Path]:

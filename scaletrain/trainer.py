@@ -108,7 +108,7 @@ class Components:
     dp_model: nn.Module  # what data parallelism wraps: DDP(model), or model itself (FSDP2, one process)
     fwd: Callable[..., Any]  # what a training forward runs through: torch.compile(dp_model) or dp_model
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # lambdas from the config, so a resumed run follows its own
     loader: BatchLoader
     precision: Precision  # train.precision resolved for this device (auto -> fp32 or bf16)
     autocast: Callable[[], contextlib.AbstractContextManager]
@@ -336,14 +336,45 @@ class Trainer:
                 log.warning("WARNING: skipping checkpoint %s: %s", path, err)
         raise ckpt.CheckpointError(f"no usable checkpoint among {[str(p) for p in candidates]} (see the warnings)")
 
+    def check_resume_config(self, path: Path, saved: dict[str, Any] | None) -> None:
+        """Compare the checkpoint's config with this run's before loading anything: changes that cannot load
+        or continue (shapes, tokenizer, optimizer kind, data order) fail listing each key with both values;
+        the others (lr, schedule, max_steps, cadences, ...) are applied, and listed one line each."""
+        if saved is None:
+            return
+        blocking, applied = ckpt.config_changes(saved, to_dict(self.cfg))
+        if blocking:
+            raise ckpt.CheckpointIncompatible(
+                f"cannot resume from {path}: these settings differ from the checkpoint's and cannot change in a "
+                "running training (start a new run folder, or restore them):\n  " + "\n  ".join(blocking)
+            )
+        for line in applied:
+            log.info("resume: %s -> applied from here on", line)
+
+    def apply_configured_hyperparameters(self, fresh: list[dict[str, Any]]) -> None:
+        """After loading: the optimizer's hyperparameters come from this run's config, not the checkpoint's
+        param_groups (which load_state_dict restores), and the lr is re-derived for the current step."""
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, lr_lambda, base in zip(
+            self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs
+        ):
+            group["lr"] = base * lr_lambda(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+
     def restore(self, path: Path) -> str | None:
         """Load a checkpoint (either format) into every component; returns the W&B run id to continue."""
-        if ckpt.is_sharded_checkpoint(path):  # each rank reads the shards it holds now (DCP reshards)
-            state = ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
-        else:
-            state = ckpt.load_checkpoint(path)  # every rank reads the file; FSDP2 ranks keep their shards
+        sharded = ckpt.is_sharded_checkpoint(path)
+        state = ckpt.load_checkpoint(path / ckpt.SHARDED_EXTRA if sharded else path)  # verified, config inside
+        self.check_resume_config(path, state.get("config"))
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        if sharded:  # each rank reads the shards it holds now (DCP reshards)
+            ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
+        else:  # every rank read the file; FSDP2 ranks keep their shards
             distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_configured_hyperparameters(fresh)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]

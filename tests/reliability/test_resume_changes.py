@@ -1,0 +1,64 @@
+"""Resuming with a changed config: settings that cannot change in a running training fail before anything is
+loaded, listing each key with both values; the others apply from the resumed step on and are listed."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletrain.checkpoint import CheckpointIncompatible
+from scaletrain.config import load_config
+from scaletrain.optim import lr_at
+from scaletrain.trainer import train
+
+from ..conftest import compose_cfg, read_metrics, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tinystories_dir, data_cache):
+    run_dir = tmp_path_factory.mktemp("run")
+    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 10})), run_dir)
+    return run_dir
+
+
+def _copy(run_dir, to):
+    to.mkdir()
+    (to / "checkpoints").mkdir()
+    for f in (run_dir / "checkpoints").iterdir():
+        (to / "checkpoints" / f.name).write_bytes(f.read_bytes())
+    (to / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+    return to
+
+
+def test_a_changed_lr_and_max_steps_apply_from_the_resumed_step_and_are_listed(
+    finished_run, tmp_path, tinystories_dir, data_cache, caplog
+):
+    run_dir = _copy(finished_run, tmp_path / "run")
+    extra = {"train.max_steps": 14, "optim.lr": 1e-2, "train.log_every": 1, "train.resume": "auto"}
+    cfg = load_config(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)))
+    with caplog.at_level("INFO", logger="scaletrain"):
+        train(cfg, run_dir)
+    assert "resume: optim.lr: 0.01 (checkpoint: 0.005) -> applied from here on" in caplog.text
+    assert "resume: train.max_steps: 14 (checkpoint: 10) -> applied from here on" in caplog.text
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(run_dir) if "train/lr" in r}
+    for step in (11, 12, 13):  # the schedule re-derived from the new lr and max_steps
+        assert lrs[step] == pytest.approx(lr_at(step, 14, 1e-2, cfg.optim.schedule), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "override,listed",
+    [
+        ({"model.d_model": 64}, "model.d_model: 64 (checkpoint: 128)"),
+        ({"optim": "muon"}, "optim.name: muon (checkpoint: adamw)"),
+        ({"data.tokenizer.vocab_size": 600}, "data.tokenizer.vocab_size: 600 (checkpoint: 512)"),
+    ],
+)
+def test_a_changed_shape_optimizer_or_tokenizer_fails_listing_each_key_before_loading(
+    finished_run, tmp_path, tinystories_dir, data_cache, override, listed
+):
+    run_dir = _copy(finished_run, tmp_path / "run")
+    before = (run_dir / "metrics.jsonl").read_text()
+    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.resume": "auto", **override}))
+    with pytest.raises(CheckpointIncompatible, match="cannot resume from .*step_0000010.pt") as err:
+        train(cfg, run_dir)
+    assert listed in str(err.value)
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing was truncated or appended
