@@ -96,7 +96,7 @@ def tensor_checksums(obj: Any, prefix: str = "") -> dict[str, int]:
     is for corruption, not tampering; weights_only loading is the guard against malicious files."""
     if isinstance(obj, torch.Tensor):
         data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        return {prefix: zlib.crc32(data.tobytes() if not data.flags.c_contiguous else data.data)}
+        return {prefix: zlib.crc32(data.data)}  # contiguous above, so its buffer is the tensor's bytes
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
     out: dict[str, int] = {}
     for key, value in items:
@@ -177,6 +177,12 @@ def save_sharded_checkpoint(
 def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Read a sharded checkpoint into `model` and `optimizer` as they are laid out now (sharded by FSDP2
     on any number of ranks, or plain); returns the `extra` state."""
+    load_sharded_state(path, model, optimizer)
+    return load_checkpoint(path / SHARDED_EXTRA)
+
+
+def load_sharded_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The DCP part of a sharded checkpoint only: model and optimizer, resharded to the current layout."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
@@ -185,7 +191,6 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
     with _single_process_is_intended():
         dcp_load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return load_checkpoint(path / SHARDED_EXTRA)
 
 
 # Config keys a checkpoint cannot be loaded or continued under when they change: the shapes of the model and

@@ -370,7 +370,7 @@ class Trainer:
         self.check_resume_config(path, state.get("config"))
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if sharded:  # each rank reads the shards it holds now (DCP reshards)
-            ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
+            ckpt.load_sharded_state(path, self.model, self.optimizer)  # extra.pt was read (and verified) above
         else:  # every rank read the file; FSDP2 ranks keep their shards
             distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
