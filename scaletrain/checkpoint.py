@@ -18,6 +18,7 @@ contracts of `records.py`, so the report finds exactly the checkpoints that resu
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
@@ -32,15 +33,18 @@ import torch
 
 from scaletrain.records import (
     CKPT_DIR,
+    DCP_METADATA,
     SHARDED_EXTRA,
     atomic_write,
     checkpoint_name,
+    checkpoint_step,
     fsync_dir,
     is_sharded_checkpoint,
     list_checkpoints,
 )
 
 CHECKSUMS = "checksums"  # key of the {tensor path: CRC-32} map inside every checkpoint file
+FILES = "files"  # key of the {file name: CRC-32} manifest of a sharded folder's other files, in its extra.pt
 
 
 class CheckpointError(RuntimeError):
@@ -84,10 +88,68 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _rotate(ckpt_dir: Path, keep: int) -> None:
+def _rotate(ckpt_dir: Path, keep: int, step: int) -> None:
+    """Keep the `keep` newest checkpoints up to `step` (the one just written). Checkpoints of later steps are
+    not this lineage's past (a run resumed from an earlier step, or another run's): never touched here."""
     if keep > 0:
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
+        mine = [p for p in list_checkpoints(ckpt_dir) if (checkpoint_step(p.name) or 0) <= step]
+        for old in mine[:-keep]:
             _remove(old)
+
+
+class NoSpaceError(OSError):
+    """Not enough free disk space to write a checkpoint; the message says how much is needed, where."""
+
+
+def state_nbytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state (for a DTensor: this rank's shard)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.to_local() if isinstance(obj, DTensor) else obj
+        return t.numel() * t.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return sum(state_nbytes(v) for v in items)
+
+
+@contextlib.contextmanager
+def _disk_full_is_named(ckpt_dir: Path, step: int):
+    """A disk that fills up during a save (other writers, a low estimate) gives one clear NoSpaceError instead
+    of torch's "[enforce fail at inline_container.cc] unexpected pos" or a bare errno 28."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        text = str(err).strip()
+        full = getattr(err, "errno", None) == errno.ENOSPC or any(
+            s in text for s in ("unexpected pos", "file write failed", "No space left")
+        )
+        if not full:
+            raise
+        raise NoSpaceError(
+            f"the disk holding {ckpt_dir} is full: checkpointing step {step} failed ({type(err).__name__}: "
+            f"{text.splitlines()[0] if text else 'no space left'}); the previous checkpoints are kept. Free space "
+            "there, lower train.ckpt_keep, or run in a folder on a larger disk (hydra.run.dir=...)"
+        ) from None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(ckpt_dir: Path, step: int, need: int) -> None:
+    """Fail with NoSpaceError before writing `need` bytes (plus 5% and 16 MiB for metadata and the file
+    system) into `ckpt_dir` when the disk has less free; the previous checkpoints stay untouched. A save needs
+    room for one more checkpoint: the rotation removes old ones only after the new one is complete."""
+    need = int(need * 1.05) + (16 << 20)
+    have = shutil.disk_usage(_existing(Path(ckpt_dir))).free
+    if have < need:
+        raise NoSpaceError(
+            f"not enough free disk space to checkpoint step {step}: need ~{need / 2**20:,.0f} MiB, have "
+            f"{have / 2**20:,.0f} MiB free in {ckpt_dir}; the previous checkpoints are kept. Free space there, "
+            "lower train.ckpt_keep, or run in a folder on a larger disk (hydra.run.dir=...)"
+        )
 
 
 def tensor_checksums(obj: Any, prefix: str = "") -> dict[str, int]:
@@ -114,9 +176,11 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     newest (0 = all)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(ckpt_dir, step, state_nbytes(state))
     path = ckpt_dir / checkpoint_name(step, sharded=False)
-    _save_verified(path, state)
-    _rotate(ckpt_dir, keep)
+    with _disk_full_is_named(ckpt_dir, step):
+        _save_verified(path, state)
+    _rotate(ckpt_dir, keep, step)
     return path
 
 
@@ -150,42 +214,117 @@ def save_sharded_checkpoint(
     ckpt_dir = Path(run_dir) / CKPT_DIR
     final = ckpt_dir / checkpoint_name(step, sharded=True)
     tmp = ckpt_dir / f".{final.name}.tmp"  # hidden: never listed; one name that every rank can compute
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # every rank sees the same disk and (FSDP2) holds a like-sized shard: all take the same decision
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    check_free_space(ckpt_dir, step, state_nbytes([model_sd, optim_sd]) * world)
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # left by a crash during an earlier save of this step
         tmp.mkdir()
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_is_intended():
-        dcp_save(
-            {"model": model_sd, "optimizer": optim_sd},
-            checkpoint_id=tmp,  # returns once all ranks wrote
-            no_dist=not torch.distributed.is_initialized(),
-        )
-    if is_main:
-        _save_verified(tmp / SHARDED_EXTRA, extra)
+    try:
+        with _single_process_is_intended(), _disk_full_is_named(ckpt_dir, step):
+            dcp_save(
+                {"model": model_sd, "optimizer": optim_sd},
+                checkpoint_id=tmp,  # returns once all ranks wrote
+                no_dist=not torch.distributed.is_initialized(),
+            )
+    except BaseException:
+        if is_main:
+            _remove(tmp)
+        raise
+    if is_main:  # every rank has written (dcp_save returned): the manifest covers all shards
+        _save_verified(tmp / SHARDED_EXTRA, {**extra, FILES: file_checksums(tmp)})
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that stopped right after saving)
             _remove(final)
         os.replace(tmp, final)
         fsync_dir(ckpt_dir)
-        _rotate(ckpt_dir, keep)
+        _rotate(ckpt_dir, keep, step)
     _barrier()  # nobody goes on (or saves again) before the checkpoint has its name
     return final
 
 
 def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Read a sharded checkpoint into `model` and `optimizer` as they are laid out now (sharded by FSDP2
-    on any number of ranks, or plain); returns the `extra` state."""
+    on any number of ranks, or plain); returns the `extra` state. Every file is verified first."""
+    extra = load_checkpoint(path)
     load_sharded_state(path, model, optimizer)
-    return load_checkpoint(path / SHARDED_EXTRA)
+    return extra
+
+
+def file_checksums(folder: Path) -> dict[str, int]:
+    """CRC-32 of every file in a sharded checkpoint folder but extra.pt (which holds this map), streamed in
+    16 MiB chunks. By hand for the reason `tensor_checksums` gives: DCP writes no checksums of its own."""
+    out = {}
+    for file in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != SHARDED_EXTRA):
+        crc = 0
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+        out[file.name] = crc
+    return out
+
+
+def _verify_files(path: Path, saved: Any) -> None:
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: no file checksums in its {SHARDED_EXTRA} (not a scaletrain sharded checkpoint)")
+    now = file_checksums(path)
+    missing = sorted(set(saved) - set(now))
+    changed = sorted(name for name in saved if name in now and now[name] != saved[name])
+    if missing or changed:
+        what = [f"{n} missing" for n in missing] + [f"{n} changed since it was saved" for n in changed]
+        raise CheckpointError(f"{path}: damaged: {'; '.join(what)}")
+
+
+# What DCP's `.metadata` pickle may name: its own record types, tensor shapes/dtypes/layouts and paths.
+# DCP reads that file with plain pickle.load, which runs whatever a crafted file names; scaletrain first
+# unpickles it with this allowlist (the Python docs' "restricting globals"), so such a file is refused.
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = (
+            super().find_class(module, name) if module.split(".")[0] in ("torch", "pathlib", "collections") else None
+        )
+        allowed = (module, name) in _METADATA_GLOBALS or isinstance(found, torch.dtype)
+        # the record classes (dataclasses, enums) of DCP's metadata module, never a function
+        allowed = allowed or (module == _METADATA_MODULE and isinstance(found, type))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return found
+
+
+def _check_metadata(path: Path) -> None:
+    """Refuse a sharded checkpoint whose `.metadata` would run code when DCP unpickles it."""
+    meta = path / DCP_METADATA
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{meta}: refused: {err}; DCP would unpickle it with plain pickle") from None
+    except (OSError, EOFError, ValueError, AttributeError, ImportError) as err:
+        raise CheckpointError(f"{meta}: unreadable ({type(err).__name__}: {err})") from None
 
 
 def load_sharded_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The DCP part of a sharded checkpoint only: model and optimizer, resharded to the current layout."""
+    """The DCP part of a sharded checkpoint only: model and optimizer, resharded to the current layout.
+    Call `load_checkpoint(path)` first: it verifies every file against the manifest."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+    _check_metadata(Path(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also creates the optimizer state to load into
     state = {"model": model_sd, "optimizer": optim_sd}
     with _single_process_is_intended():
@@ -246,6 +385,54 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str
     return blocking, applied
 
 
+def check_compatible(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """Raise CheckpointIncompatible, listing each key with both values, when the checkpoint at `path` (config
+    `saved`) cannot be continued under the config `now`; else the lines of the changes that apply from here on."""
+    if saved is None:
+        return []
+    blocking, applied = config_changes(saved, now)
+    if blocking:
+        raise CheckpointIncompatible(
+            f"cannot resume from {path}: these settings differ from the checkpoint's and cannot change in a "
+            "running training (start a new run folder, or restore them):\n  " + "\n  ".join(blocking)
+        )
+    return applied
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The config stored in a checkpoint (either format), read memory-mapped without verifying its tensors, so a
+    7B checkpoint is checked in a moment (the trainer verifies everything when it loads it)."""
+    file = Path(path) / SHARDED_EXTRA if is_sharded_checkpoint(path) else Path(path)
+    expected = "train.resume expects a step_*.pt file or sharded step_* folder written by scaletrain"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{file}: not a readable checkpoint ({type(err).__name__}: {first}); {expected}"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file}: not a scaletrain checkpoint (no training state in it); {expected}")
+    return state.get("config")
+
+
+def check_resumable(resume: str, run_dir: Path, now: dict[str, Any]) -> None:
+    """`train.resume` before any data or model work: it must name checkpoints (FileNotFoundError naming the key
+    and what it accepts), and the newest must be readable and hold a config `now` can continue
+    (CheckpointIncompatible), as the trainer would find after minutes of setup. A damaged newest checkpoint
+    with older ones beside it passes: the trainer skips it with a warning and continues from an older one."""
+    candidates = resume_candidates(resume, run_dir)
+    if not candidates:
+        return
+    try:
+        saved = saved_config(candidates[0])
+    except CheckpointError:
+        if len(candidates) > 1:
+            return
+        raise
+    check_compatible(candidates[0], saved, now)
+
+
 def remove_leftovers(ckpt_dir: Path) -> list[Path]:
     """Remove the hidden temporary files and folders (`.step_*...tmp`) that a save killed midway left in
     `ckpt_dir`; returns what was removed. Call before the run's first save, on the rank that writes."""
@@ -285,10 +472,21 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A full checkpoint (or a sharded one's extra.pt), unpickled with weights_only=True (tensors, containers
-    and plain values only, so a file cannot run code while it loads) and checked against the checksums saved
-    in it. CheckpointError, naming the file and what is wrong, for a file that is refused, unreadable
-    (truncated, zeroed, a damaged zip directory) or damaged (a tensor's bytes changed)."""
+    """A full checkpoint's state, or a sharded one's `extra` state (the shards are read by
+    `load_sharded_state`). Unpickled with weights_only=True (tensors, containers and plain values only, so a
+    file cannot run code while it loads) and checked against the checksums saved in it; for a sharded folder
+    every shard and `.metadata` is also checked against the manifest in its extra.pt, and `.metadata` against
+    an allowlist of what it may unpickle. CheckpointError, naming the file and what is wrong, for a file that
+    is refused, unreadable (truncated, zeroed, a damaged zip directory) or damaged (bytes changed)."""
+    if is_sharded_checkpoint(path):
+        extra = load_checkpoint(Path(path) / SHARDED_EXTRA)
+        _verify_files(Path(path), extra.pop(FILES, None))
+        _check_metadata(Path(path))
+        return extra
+    if Path(path).is_dir():
+        raise CheckpointError(
+            f"{path}: a folder without the {DCP_METADATA} and {SHARDED_EXTRA} of a sharded checkpoint"
+        )
     state = _unpickle(path)
     saved = state.pop(CHECKSUMS, None) if isinstance(state, dict) else None
     if saved is None:

@@ -10,8 +10,10 @@ What fails, and where:
   a key added with `+` (`+optim.lrr=1`, which Hydra itself suggests for unknown keys) fails in `load_config`,
   naming the key and the nearest valid one;
 - a value outside its range or a rule within one group fails in that schema's `__post_init__`;
-- rules spanning groups (moe.every <= model.n_layers, ...) fail in `Config.__post_init__`.
-Every error is a `ConfigError` whose message starts with the full key.
+- rules spanning groups (moe.every <= model.n_layers, train.batch_size divisible by the cluster's ranks, ...) and
+  the one rule for every float (finite: no nan or inf anywhere) fail in `Config.__post_init__`.
+Every error is a `ConfigError` whose message starts with the full key. `unwritable(path)` is the check behind the
+folders a config names (hydra.run.dir in run.py's preflight, data.cache_dir in data.py).
 
 Optimizers: `OptimConfig` holds what every optimizer has (lr, weight decay, schedule); each optimizer is a
 subclass (`AdamWConfig`, `MuonOptimConfig`) registered as `<name>_schema` in the `optim` group, so the
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import difflib
 import math
+import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -312,6 +316,9 @@ class TokenizerKind(StrEnum):
     gpt2 = "gpt2"  # GPT-2 BPE read from local vocab.json / merges.txt
 
 
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+
+
 @dataclass
 class TokenizerConfig:
     kind: TokenizerKind = TokenizerKind.bpe
@@ -349,6 +356,7 @@ class DataConfig:
         _check(
             self.max_val_tokens is None or self.max_val_tokens > 0, "data.max_val_tokens", "must be positive or null"
         )
+        _check(self.hub_timeout_s > 0, "data.hub_timeout_s", f"must be positive, got {self.hub_timeout_s}")
 
 
 # ---------------------------------------------------------------- train
@@ -390,6 +398,9 @@ class TrainConfig:
     ckpt_keep: int = 2  # keep this many most recent step checkpoints; 0 = keep all
     ckpt_format: CkptFormat = CkptFormat.auto
     resume: str = "none"  # none | auto | PATH to a checkpoint file or directory
+    # a fresh run (resume=none) refuses a run folder holding another run's checkpoints or metrics; true deletes
+    # them first (the folder's checkpoints/, metrics.jsonl, summary.json)
+    overwrite: bool = False
     log_every: int = 10
     progress_bar: bool = True  # shown only when stderr is a terminal (never in SLURM/submitit logs)
     sample_prompt: str = "Once upon a time"
@@ -515,12 +526,42 @@ class Config:
 
     def __post_init__(self) -> None:
         """Rules spanning groups (each group's own rules ran in its __post_init__)."""
+        # a group's range checks let inf through where only a lower bound matters (weight_decay=inf, init_std=inf)
+        # and some let nan through; no setting means anything useful when it is not finite
+        for key, value in _floats(self, ""):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        ranks = self.cluster.nodes * self.cluster.tasks_per_node
+        _check(
+            self.train.batch_size % ranks == 0,
+            "train.batch_size",
+            f"{self.train.batch_size} (global) must be divisible by the {ranks} ranks of cluster.nodes="
+            f"{self.cluster.nodes} x cluster.tasks_per_node={self.cluster.tasks_per_node} (each takes an equal share)",
+        )
+        tok = self.data.tokenizer
+        ids, which = (GPT2_VOCAB_SIZE, "GPT-2's") if tok.kind == TokenizerKind.gpt2 else (tok.vocab_size, "the BPE's")
+        _check(
+            self.model.vocab_size is None or self.model.vocab_size >= ids,
+            "model.vocab_size",
+            f"{self.model.vocab_size} cannot hold {which} {ids} token ids (data.tokenizer); use null (= the "
+            f"tokenizer's size) or at least {ids}",
+        )
         if self.moe.n_experts > 0:
             _check(
                 self.moe.every <= self.model.n_layers,
                 "moe.every",
                 f"must be in [1, model.n_layers={self.model.n_layers}], got {self.moe.every}",
             )
+
+
+def _floats(obj: Any, path: str) -> list[tuple[str, float]]:
+    """(full key, value) of every float in a config object, lists included (`optim.betas[1]`)."""
+    if isinstance(obj, float):
+        return [(path, obj)]
+    if isinstance(obj, list):
+        return [kv for i, item in enumerate(obj) for kv in _floats(item, f"{path}[{i}]")]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return [kv for f in fields(obj) for kv in _floats(getattr(obj, f.name), f"{path}.{f.name}".lstrip("."))]
+    return []
 
 
 def _extension_node(cls: type, parent: type) -> DictConfig:
@@ -584,6 +625,21 @@ def load_config(cfg: DictConfig | Config) -> Config:
     if not isinstance(obj, Config):
         raise ConfigError(f"expected the scaletrain schema at the root, got {type(obj).__name__}")
     return obj
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why a run could not create files in folder `path` (None when it can), found without leaving anything
+    behind: the folder itself when it exists, else the nearest existing folder above it, must take a new
+    entry. Run before the work that would fail there later (hydra.run.dir, data.cache_dir)."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".scaletrain-probe-").cleanup()
+    except OSError as err:
+        return f"cannot create {'files in' if existing == path else 'folders under'} {existing} ({err.strerror})"
+    return None
 
 
 validate = load_config  # the name tests and older callers use: checks every rule, returns the Config

@@ -19,6 +19,10 @@ exact bytes of the windows actually evaluated, sum `Tokenizer.token_bytes()` ove
 Caches: local text is copied once into Arrow under `cache_dir/datasets`; hub data stays in the
 Hugging Face cache (so `HF_HUB_OFFLINE=1` finds an earlier download).
 
+Every way the data can be unusable (a missing, empty, non-UTF-8 or unparsable file, a damaged cache entry, a
+tokenizer that cannot be read or would learn from no text) is a `DataError` naming the file or key, what was
+expected and the fix; run.py prints it as one line. A damaged cache is reported, never rebuilt over.
+
 `BatchLoader` draws training windows in a seeded, resumable, rank-sharded order; `eval_batches` is
 the fixed validation set. Not here: model code, the training loop, checkpoint files.
 """
@@ -45,9 +49,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import tokenizers
 import torch
+from datasets.exceptions import DatasetGenerationError
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from scaletrain.config import TokenizerKind
+from scaletrain.config import TokenizerKind, unwritable
 from scaletrain.records import atomic_write
 
 EOT = "<|endoftext|>"
@@ -63,6 +68,11 @@ log = logging.getLogger("scaletrain.data")
 
 class DataError(RuntimeError):
     """The data cannot be loaded as configured; the message names the path or key and the fix."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _digest(*parts: object) -> str:
@@ -139,7 +149,13 @@ class Tokenizer:
                 raise DataError(
                     f"GPT-2 tokenizer file not found: {f} (data.tokenizer.gpt2_dir must hold vocab.json and merges.txt)"
                 )
-        inner = tokenizers.Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
+        try:  # tokenizers raises a bare Exception for a malformed file
+            inner = tokenizers.Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
+        except Exception as err:
+            raise DataError(
+                f"GPT-2 tokenizer files in {files[0].parent} cannot be read ({_first_line(err)}); "
+                "data.tokenizer.gpt2_dir must hold GPT-2's original vocab.json and merges.txt"
+            ) from None
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         inner.decoder = decoders.ByteLevel()
         inner.add_special_tokens([EOT])  # already in vocab.json; this marks it special
@@ -181,11 +197,9 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _check_hub_reachable(timeout_s: float) -> None:
-    """Fail fast: offline, `datasets` retries for 23 s before giving up (notes/torch-cpu.md §9)."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
-        return  # datasets will read its local cache
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+def unreachable(endpoint: str, timeout_s: float) -> str | None:
+    """Why a TCP connection to `endpoint` (a URL) failed within `timeout_s` (None when it succeeded): the
+    quick probe before a client that would retry for a long time (datasets, W&B)."""
     url = urllib.parse.urlsplit(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     failure: list[str] = ["timed out"]
@@ -201,9 +215,18 @@ def _check_hub_reachable(timeout_s: float) -> None:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout_s)
+    return failure[0] if failure else None
+
+
+def _check_hub_reachable(timeout_s: float) -> None:
+    """Fail fast: offline, `datasets` retries for 23 s before giving up (notes/torch-cpu.md §9)."""
+    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+        return  # datasets will read its local cache
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    failure = unreachable(endpoint, timeout_s)
     if failure:
         raise DataError(
-            f"cannot reach the Hugging Face hub at {endpoint} ({failure[0]}) within data.hub_timeout_s="
+            f"cannot reach the Hugging Face hub at {endpoint} ({failure}) within data.hub_timeout_s="
             f"{timeout_s}. Use local files with data.path=../shared/data/tinystories (a folder with "
             "train.txt/valid.txt, .jsonl or .parquet), or set HF_HUB_OFFLINE=1 to use a cached copy."
         )
@@ -255,19 +278,38 @@ def _file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def _not_utf8(path: str | Path) -> DataError:
+    """The error for a file that is not UTF-8, naming its first bad line (a second pass, on the error path only:
+    text mode decodes ahead in blocks, so the line being read when decoding failed is not the bad one)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DataError(
+                    f"{path}: line {number} is not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "expected UTF-8 text: convert the file, e.g. iconv -f latin1 -t utf-8"
+                )
+    return DataError(f"{path}: not UTF-8 text; expected UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8")
+
+
 def iter_txt_documents(path: str | Path) -> Iterator[str]:
     """Documents of a TinyStories-style file, streamed: text between `<|endoftext|>` markers,
-    surrounding whitespace stripped, empty documents skipped."""
+    surrounding whitespace stripped, empty documents skipped. DataError naming the line for text
+    that is not UTF-8."""
     lines: list[str] = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            *finished, rest = line.split(EOT)
-            for piece in finished:
-                doc = ("".join(lines) + piece).strip()
-                if doc:
-                    yield doc
-                lines = []
-            lines.append(rest)
+        try:
+            for line in f:
+                *finished, rest = line.split(EOT)
+                for piece in finished:
+                    doc = ("".join(lines) + piece).strip()
+                    if doc:
+                        yield doc
+                    lines = []
+                lines.append(rest)
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
     doc = "".join(lines).strip()
     if doc:
         yield doc
@@ -275,8 +317,46 @@ def iter_txt_documents(path: str | Path) -> Iterator[str]:
 
 def _txt_examples(path: str, fingerprint: str) -> Iterator[dict]:
     del fingerprint  # only part of gen_kwargs so that datasets' cache key changes with the content
+    n_docs = 0
     for doc in iter_txt_documents(path):
+        n_docs += 1
         yield {"text": doc}
+    if n_docs == 0:  # datasets would fail with 'Instruction "train" corresponds to no data!'
+        raise DataError(
+            f"{path}: no documents, only whitespace and {EOT} separators; expected text, documents separated by {EOT}"
+        )
+
+
+FILE_KINDS = {".txt": "text", ".jsonl": "JSON Lines (one JSON object per line)", ".parquet": "Parquet"}
+
+
+def _data_error_in(err: BaseException) -> DataError | None:
+    """A DataError that `datasets` wrapped (DatasetGenerationError) while running one of our generators."""
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, DataError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def _read_local_file(path: Path, fingerprint: str, column: str, cache: Path) -> datasets.Dataset:
+    """`_load_local_file`, with every way a file can be unreadable as one DataError naming the file and the
+    format expected (datasets and pyarrow raise their own types, several layers deep)."""
+    try:
+        ds = _load_local_file(path, fingerprint, column, cache)
+    except DataError:
+        raise
+    except (DatasetGenerationError, pa.ArrowException, UnicodeDecodeError) as err:
+        ours = _data_error_in(err)
+        if ours is not None:
+            raise ours from None
+        cause = (err.__cause__ or err.__context__) if isinstance(err, DatasetGenerationError) else err
+        raise DataError(
+            f"{path}: cannot be read as {FILE_KINDS[path.suffix]} ({_first_line(cause or err)}); "
+            f"expected a {path.suffix} file with a {column!r} column (data.text_column)"
+        ) from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: no rows; expected documents in its {column!r} column (data.text_column)")
+    return ds
 
 
 def _load_local_file(path: Path, fingerprint: str, column: str, cache: Path) -> datasets.Dataset:
@@ -299,10 +379,13 @@ def _local_corpus(cfg, cache_root: Path) -> _Corpus:
             f"train.txt/valid.txt (or .jsonl/.parquet with column {cfg.text_column!r})"
         )
     files = {split: _find_split_file(folder, split) for split in SPLIT_FILES}
+    for f in files.values():
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: the file is empty; expected {FILE_KINDS[f.suffix]} with the {f.stem} documents")
     fps = {split: _file_fingerprint(f) for split, f in files.items()}
 
     def load(split: str) -> datasets.Dataset:
-        return _load_local_file(files[split], fps[split], cfg.text_column, cache_root / "datasets")
+        return _read_local_file(files[split], fps[split], cfg.text_column, cache_root / "datasets")
 
     return _Corpus(fps, load, f"{folder.resolve()} ({files['train'].name}, {files['val'].name})")
 
@@ -310,12 +393,20 @@ def _local_corpus(cfg, cache_root: Path) -> _Corpus:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _train_texts(ds: datasets.Dataset, max_bytes: int) -> Iterator[str]:
-    """Whole documents from the start of the split while their total stays within `max_bytes`."""
+def _train_texts(ds: datasets.Dataset, max_bytes: int, where: str) -> Iterator[str]:
+    """Whole documents from the start of the split while their total stays within `max_bytes`. A first
+    document larger than that is an error: the tokenizer would learn nothing beyond single bytes."""
     total = 0
     for batch in ds.iter(batch_size=1000):
         for text in cast(dict[str, list[str]], batch)["text"]:
-            total += len(text.encode())
+            size = len(text.encode())
+            if total == 0 and size > max_bytes:
+                raise DataError(
+                    f"{where}: its first document has {size:,} bytes, more than data.tokenizer.max_train_bytes="
+                    f"{max_bytes:,}, so the tokenizer would train on no text; separate the documents with "
+                    f"{EOT} (a .txt file without it is one document) or raise data.tokenizer.max_train_bytes"
+                )
+            total += size
             if total > max_bytes:
                 return
             yield text
@@ -330,9 +421,18 @@ def _get_tokenizer(cfg, corpus: _Corpus, cache_root: Path) -> Tokenizer:
     key = _digest(CACHE_VERSION, corpus.fingerprints["train"], cfg.text_column, tc.vocab_size, tc.max_train_bytes)
     path = cache_root / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
-        return Tokenizer.load(path)
+        try:  # tokenizers raises a bare Exception for a malformed file
+            return Tokenizer.load(path)
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(
+                f"{path}: cached tokenizer cannot be read ({_first_line(err)}); delete {path.parent} "
+                "and run again to train it anew"
+            ) from None
     t0 = time.perf_counter()
-    tok = Tokenizer.train_bpe(_train_texts(corpus.load("train"), tc.max_train_bytes), tc.vocab_size)
+    texts = _train_texts(corpus.load("train"), tc.max_train_bytes, f"train split of {corpus.description}")
+    tok = Tokenizer.train_bpe(texts, tc.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     log.info("data: trained BPE tokenizer (vocab %d) in %.1f s -> %s", tok.vocab_size, time.perf_counter() - t0, path)
@@ -448,17 +548,47 @@ def _build_token_cache(cfg, corpus: _Corpus, tokenizer: Tokenizer, out: Path) ->
     log.info("data: tokenized %s in %.1f s -> %s", corpus.description, time.perf_counter() - t0, out)
 
 
+def _damaged_cache(folder: Path, what: str) -> DataError:
+    return DataError(
+        f"token cache {folder} is damaged: {what}; delete that folder and run again to rebuild it "
+        "(it was changed after it was written: a complete entry is never left half-written)"
+    )
+
+
+def _read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        for split in ("train", "val"):  # every field the reader uses, so that a damaged one fails here by name
+            for field in ("n_tokens", "n_bytes", "n_docs"):
+                meta[split][field] = int(meta[split][field])
+        np.dtype(meta["dtype"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise _damaged_cache(folder, f"meta.json cannot be read ({_first_line(err)})") from None
+    return meta
+
+
 def _open_split(folder: Path, split: str, meta: dict, seq_len: int) -> TokenSplit:
-    m = meta[split]
+    m, dtype, path = meta[split], np.dtype(meta["dtype"]), folder / f"{split}.bin"
     if m["n_tokens"] < seq_len + 1:
-        raise DataError(f"{split} split has {m['n_tokens']} tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
-    tokens = np.memmap(folder / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(m["n_tokens"],))
+        raise DataError(
+            f"{split} split has {m['n_tokens']} tokens, fewer than data.seq_len + 1 = {seq_len + 1} "
+            f"({meta['source']}): add text to it or lower data.seq_len"
+        )
+    size = path.stat().st_size if path.is_file() else None
+    if size != m["n_tokens"] * dtype.itemsize:  # a memmap past the end would fail, a longer file hides damage
+        found = "missing" if size is None else f"{size:,} bytes"
+        expected = f"{m['n_tokens'] * dtype.itemsize:,} bytes ({m['n_tokens']:,} {dtype.name} tokens per meta.json)"
+        raise _damaged_cache(folder, f"{path.name} is {found}, expected {expected}")
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(m["n_tokens"],))
     return TokenSplit(tokens, m["n_bytes"], m["n_docs"])
 
 
 def prepare_data(cfg) -> PreparedData:
     """Text -> tokenizer (trained or cached) -> packed token streams (built or reused), memory-mapped."""
     cache_root = Path(cfg.cache_dir).expanduser()
+    problem = unwritable(cache_root)
+    if problem:
+        raise DataError(f"data.cache_dir={cfg.cache_dir}: {problem}; set data.cache_dir to a folder you can write")
     corpus = _local_corpus(cfg, cache_root) if cfg.path else _hub_corpus(cfg)
     tokenizer = _get_tokenizer(cfg, corpus, cache_root)
     data_fp = _digest(
@@ -468,7 +598,7 @@ def prepare_data(cfg) -> PreparedData:
     if not (out / "meta.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         _build_token_cache(cfg, corpus, tokenizer, out)
-    meta = json.loads((out / "meta.json").read_text())
+    meta = _read_meta(out)
     train, val = (_open_split(out, split, meta, cfg.seq_len) for split in ("train", "val"))
     return PreparedData(tokenizer, train, val, out)
 

@@ -42,18 +42,28 @@ GPU_BF16_PEAK = {
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
+class DeviceUnavailable(RuntimeError):
+    """`train.device` names a device this machine does not have (the message says which, and the fix)."""
+
+
 def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error (DeviceUnavailable),
+    raised by run.py before any data or model work rather than by the first tensor moved there."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available here; use train.device=auto or cpu")
+    fix = "use train.device=auto (the best device here) or train.device=cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"train.device={name}: CUDA is not available on this machine; {fix}")
+        index, count = torch.device(name).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise DeviceUnavailable(f"train.device={name}: this machine has {count} CUDA device(s), 0..{count - 1}")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("train.device='mps' but MPS is not available here; use train.device=auto or cpu")
+        raise DeviceUnavailable(f"train.device=mps: MPS (Apple GPU) is not available on this machine; {fix}")
     return torch.device(name)
 
 

@@ -3,7 +3,8 @@
 Here: `write_run_record` (resolved config, git SHA, package versions, hardware), `MetricsLogger`
 (one JSON object per logged step in metrics.jsonl, mirrored to W&B; `finish()` always closes the W&B
 run so multirun jobs never share one), `truncate_metrics` (a resumed run drops records after its
-checkpoint). Hardware facts (CPU model and flags, GPU, peaks) come from `hardware.py`.
+checkpoint), `check_wandb` (an online W&B run can log in: run.py asks before data preparation).
+Hardware facts (CPU model and flags, GPU, peaks) come from `hardware.py`.
 Not here: what to log and when (that is the trainer's loop); file names, status.json and summary.json
 (`records.py`, the contracts shared with the report).
 """
@@ -11,6 +12,7 @@ Not here: what to log and when (that is the trainer's loop); file names, status.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -22,9 +24,37 @@ import numpy as np
 import torch
 
 from scaletrain import records
+from scaletrain.data import unreachable
 from scaletrain.hardware import hardware_info
 
 _PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "datasets", "tokenizers", "wandb", "submitit")
+
+
+class WandbUnavailable(RuntimeError):
+    """logging.wandb.mode=online cannot work on this machine: no API key, or the W&B server is unreachable."""
+
+
+def check_wandb(wandb_cfg: Any, timeout_s: float = 5.0) -> None:
+    """Before any data or model work: an online W&B run needs an API key (wandb's own lookup: WANDB_API_KEY,
+    ~/.netrc; on a terminal it asks for one) and a reachable server. Without these `wandb.init` fails, or
+    retries for minutes, only after data preparation and model setup."""
+    if str(wandb_cfg.mode) != "online":
+        return
+    import wandb
+    from wandb.errors import UsageError
+
+    fix = "or use logging.wandb.mode=offline (upload later with `wandb sync <run dir>/wandb`) or disabled"
+    try:
+        wandb.login(verify=False)  # checks that a key is configured; the server is not contacted
+    except UsageError as err:
+        raise WandbUnavailable(f"logging.wandb.mode=online: {err} Set WANDB_API_KEY, {fix}") from None
+    endpoint = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    failure = unreachable(endpoint, timeout_s)
+    if failure:
+        raise WandbUnavailable(
+            f"logging.wandb.mode=online: cannot reach the W&B server at {endpoint} ({failure}) within "
+            f"{timeout_s:g} s; check the network or WANDB_BASE_URL, {fix}"
+        )
 
 
 def git_sha(repo: Path | None = None) -> str:

@@ -15,6 +15,7 @@ A run directory holds:
     metrics.jsonl    one JSON object per logged step, "step" key  (metrics.MetricsLogger)
     status.json      RunState, step, pid, host, error             (write_status, every state change)
     summary.json     Summary, written once the run has finished   (write_summary)
+    wandb_id         the folder's one W&B run id                  (trainer, when W&B is on)
     checkpoints/     step_XXXXXXX.pt files and step_XXXXXXX/ DCP folders; hidden names (.*) are
                      temporary and never a checkpoint
 """
@@ -45,6 +46,7 @@ METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 CKPT_DIR = "checkpoints"
+WANDB_ID_FILE = "wandb_id"  # a resumed attempt logs into the same W&B run, even one killed before any checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Metric keys read by more than one module (metrics.jsonl records and W&B)
@@ -278,3 +280,30 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [(checkpoint_step(p.name), p.name, p) for p in ckpt_dir.iterdir() if is_checkpoint(p)]
     return [p for _, _, p in sorted(found)]
+
+
+def read_wandb_id(run_dir: str | os.PathLike) -> str | None:
+    """The W&B run id an earlier attempt in `run_dir` logged to, if any."""
+    try:
+        return (Path(run_dir) / WANDB_ID_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+class RunDirInUse(ValueError):
+    """A fresh run was pointed at a folder holding another run's records."""
+
+
+def check_run_dir_free(run_dir: str | os.PathLike, overwrite: bool) -> list[Path]:
+    """The records of another run in `run_dir` (metrics.jsonl, summary.json, checkpoints) that a fresh run would
+    mix with; RunDirInUse, naming them and the ways on, when there are some and `overwrite` is off."""
+    run_dir = Path(run_dir)
+    found = [p for p in (run_dir / METRICS_FILE, run_dir / SUMMARY_FILE) if p.is_file()]
+    found += list_checkpoints(run_dir / CKPT_DIR)
+    if found and not overwrite:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise RunDirInUse(
+            f"{run_dir} holds another run's records ({names}): continue that run with train.resume=auto, "
+            "delete them and start over with train.overwrite=true, or use another folder (hydra.run.dir=...)"
+        )
+    return found

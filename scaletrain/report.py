@@ -5,7 +5,7 @@ Usage:
     python -m scaletrain.report --experiment dense_vs_moe [--root multirun]   # its latest sweep
 
 Here: collecting a sweep's jobs (`.hydra/overrides.yaml`, `summary.json`, `status.json`, `metrics.jsonl`,
-`config.json`, `checkpoints/`), judging each job finished / running / requeued / failed / stopped / pending
+`config.json`, `checkpoints/`), judging each job finished / running / requeued / failed / died / stopped / pending
 (`JobStatus`), grouping jobs into arms (the overrides
 minus `train.seed`; seeds are replicates), mean and sample std over seeds, Welch's t-test with an exact
 Student-t CDF (regularized incomplete beta, math only: scipy is not a dependency), `report.md` and the
@@ -21,9 +21,11 @@ How a job is judged, first match wins:
             writes no error anywhere on disk) a later job of the sweep has started;
   requeued  `status.json` says "requeued": preempted, checkpoint saved, the job waits in the scheduler's
             queue and resumes from its latest checkpoint;
-  stopped   `status.json` says "interrupted", or says "running" for a pid on this host that is gone,
-            or nothing in the job directory was written for `stale_after_s` (default 30 min): killed,
-            preempted, or failed under Hydra's basic launcher, which records failures nowhere on disk;
+  died      `status.json` says "running" for a pid on this host that is gone: killed without a chance to
+            record it (kill -9, the out-of-memory killer, a node reboot);
+  stopped   `status.json` says "interrupted", or nothing in the job directory was written for `stale_after_s`
+            (default 30 min): killed, preempted, or failed under Hydra's basic launcher, which records failures
+            nowhere on disk;
   running   something in the job directory (metrics.jsonl, checkpoints/, status.json, ...) was written
             within `stale_after_s`;
   pending   listed in the sweep grid of `multirun.yaml` (basic sweeper) but no job directory exists.
@@ -164,6 +166,7 @@ class JobStatus(StrEnum):
     running = "running"
     requeued = "requeued"
     failed = "failed"
+    died = "died"
     stopped = "stopped"
     pending = "pending"
 
@@ -303,7 +306,10 @@ def _judge_status(job_dir: Path, status: Status) -> tuple[JobStatus, str] | None
     if status.state == RunState.interrupted:
         return JobStatus.stopped, f"interrupted at step {status.step}{error}{_resume_hint(job_dir)}"
     if status.host == socket.gethostname() and isinstance(status.pid, int) and not _pid_alive(status.pid):
-        return JobStatus.stopped, f"process {status.pid} on this host is gone without a summary or an error record"
+        return JobStatus.died, (
+            f"process {status.pid} on this host died at or after step {status.step} without a summary or an error "
+            f"record (kill -9, out of memory?){_resume_hint(job_dir)}"
+        )
     return None
 
 
@@ -742,7 +748,8 @@ def _unfinished_section(r: Report) -> str:
         "",
         "failed: the job recorded an error (status.json, submitit), or a later job of a sequential "
         "basic-launcher sweep started; running: written to recently; requeued: preempted, waits in the "
-        "scheduler's queue to resume from its checkpoint; stopped: interrupted, or silent for too long with "
+        "scheduler's queue to resume from its checkpoint; died: its process on this host is gone without a record "
+        "(kill -9, out of memory); stopped: interrupted, or silent for too long with "
         "no error record; pending: in the sweep grid, no directory yet.",
         "",
         "| job | status | arm | seed | last step | detail | directory |",

@@ -3,9 +3,16 @@
 `cli()` checks the command line before Hydra acts on it (`preflight`): every job the command would start
 (each point of a `-m` sweep, recipe grids included) is composed and converted to typed config objects, so a
 mistyped key or option fails at once with the nearest valid name, `+key=value` cannot add a key the schema
-lacks, and `--cfg job` validates what it prints. Then Hydra runs `main()` per job: compose -> `load_config`
-(typed `Config`) -> `trainer.train` in Hydra's run (or sweep job) directory. Under -m a failed job's error
-names the job and its log file. Ranks, devices and preemption live in distributed.py.
+lacks, and `--cfg job` validates what it prints; a command that will run also has its output folder checked
+(writable) and, for a single run, `train.resume=PATH` (a checkpoint this config can continue). Then Hydra runs
+`main()` per job: compose -> `load_config` (typed `Config`) -> `check_job` (device, ranks, resume, W&B login:
+what needs the job's machine or run dir, before minutes of data and model setup) -> `trainer.train` in Hydra's
+run (or sweep job) directory.
+
+Bad input (the error types of `_bad_input_kind`, whose messages name the key or file and the fix) ends a single
+run with one line `<kind> error: <message>` and exit code 2; under -m the job fails, its error names the job
+and its log file, and the sweep goes on. Any other exception is a bug and keeps its traceback. Ranks, devices
+and preemption live in distributed.py.
 """
 
 from __future__ import annotations
@@ -21,7 +28,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from scaletrain.config import Config, ConfigError, load_config, register_configs, suggest
+from scaletrain import records
+from scaletrain.config import (
+    RESUME_KEYWORDS,
+    Config,
+    ConfigError,
+    load_config,
+    register_configs,
+    suggest,
+    to_dict,
+    unwritable,
+)
 
 register_configs()
 # submitit's local executor sets CUDA_VISIBLE_DEVICES for every job; keep what this shell had, so that the
@@ -62,6 +79,32 @@ def _fail(kind: str, err: Exception) -> None:
     raise SystemExit(2) from None
 
 
+def _bad_input_kind(err: BaseException) -> str | None:
+    """The word a one-line message starts with, for the error types that mean bad input (their messages name the
+    key or file, what was expected and the fix); None for anything else: a bug, which keeps its traceback."""
+    if isinstance(err, ConfigError):
+        return "config"
+    # the other kinds live in modules that import torch: imported only on this error path
+    from scaletrain.checkpoint import CheckpointError, CheckpointIncompatible, NoSpaceError
+    from scaletrain.data import DataError
+    from scaletrain.hardware import DeviceUnavailable
+    from scaletrain.metrics import WandbUnavailable
+    from scaletrain.trainer import NonFiniteError
+
+    if isinstance(err, records.RunDirInUse):
+        return "run folder"
+    kinds: dict[type[Exception], str] = {
+        DataError: "data",
+        NoSpaceError: "disk",
+        NonFiniteError: "training",
+        CheckpointError: "checkpoint",
+        CheckpointIncompatible: "checkpoint",
+        DeviceUnavailable: "device",
+        WandbUnavailable: "wandb",
+    }
+    return next((kind for cls, kind in kinds.items() if isinstance(err, cls)), None)
+
+
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -84,6 +127,36 @@ def _swept_keys(hc) -> list[str]:
     return list(dict.fromkeys([*from_recipe, *from_cli]))
 
 
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """`train.resume` names checkpoints this config can continue (`checkpoint.check_resumable`); a missing path
+    is a ConfigError naming the key and what it accepts."""
+    from scaletrain import checkpoint as ckpt
+
+    try:
+        ckpt.check_resumable(cfg.train.resume, run_dir, to_dict(cfg))
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_job(cfg: Config, run_dir: Path) -> None:
+    """What a job checks on its own machine before data preparation and model setup (minutes on a large run):
+    the device exists, the ranks share the global batch evenly, `train.resume` holds a checkpoint this config
+    can continue, and an online W&B run can log in."""
+    from scaletrain import distributed, hardware
+    from scaletrain.metrics import check_wandb
+
+    dist = distributed.detect_env()  # before pick_device, as the trainer: a submitit_local job may re-expose GPUs
+    hardware.pick_device(cfg.train.device)
+    if cfg.train.batch_size % dist.world_size:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} (global) must be divisible by the {dist.world_size} ranks of "
+            f"this job ({dist.launcher}): each rank takes an equal share"
+        )
+    check_resume(cfg, run_dir)
+    if dist.is_main:  # only rank 0 logs to W&B
+        check_wandb(cfg.logging.wandb)
+
+
 # an absolute path: the console script has no package for Hydra to resolve "../conf" against
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float | None:
@@ -92,17 +165,18 @@ def main(dcfg: DictConfig) -> float | None:
     except ConfigError as err:
         _fail("config", err)
         return None
-    from scaletrain.data import DataError  # torch imports only after the config is known to be valid
-    from scaletrain.trainer import train
+    from scaletrain.trainer import train  # torch imports only after the config is known to be valid
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
+        check_job(cfg, run_dir)
         summary = train(cfg, run_dir, run_name=run_name(cfg, list(hc.overrides.task), _swept_keys(hc), run_dir))
-    except DataError as err:
-        _fail("data", err)
-        return None
     except Exception as err:
+        kind = _bad_input_kind(err)
+        if kind is not None:
+            _fail(kind, err)
+            return None
         if hc.mode == RunMode.MULTIRUN:
             raise _job_failed(err) from err
         raise
@@ -135,6 +209,13 @@ def _explain(err: Exception, overrides: list[str]) -> str:
             f"{path}: no such key{suggest(leaf, keys)}; valid keys{' of ' + parent if parent else ''}: "
             f"{', '.join(sorted(set(keys)))}"
         )
+    cause = str(err.__cause__ or "")
+    full_key = re.search(r"full_key: (\S+)", cause)
+    if full_key:  # model.d_model=abc, model.norm=batchnorm: the key, then OmegaConf's reason (the type or options)
+        reason = cause.strip().splitlines()[0]
+        value = re.match(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", reason)
+        hint = suggest(value.group(1), value.group(2).split(", ")) if value else ""
+        return f"{full_key.group(1)}: {reason}{hint}"
     return msg.replace("\n", " ")
 
 
@@ -162,9 +243,29 @@ def _jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[s
     return [job for batch in batches for job in batch][:MAX_PREFLIGHT_JOBS], swept
 
 
-def preflight(overrides: list[str], multirun: bool) -> None:
+def _check_output_dir(first_job: list[str], overrides: list[str], multirun: bool, cfg: Config) -> None:
+    """The folder Hydra will create (hydra.run.dir, or hydra.sweep.dir under -m) must be creatable: Hydra would
+    otherwise fail inside its logging setup with a long traceback that never names the key. A fresh single
+    run's folder must not hold another run's records: Hydra would rewrite its .hydra/ before the trainer
+    refuses it (`records.check_run_dir_free`)."""
+    from hydra import compose
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    hydra_overrides = [o for o in overrides if _override_key(o).startswith("hydra")]
+    composed = compose(config_name="config", overrides=[*first_job, *hydra_overrides], return_hydra_config=True)
+    folder = str(OmegaConf.select(composed, key))  # ${now:...} resolves to this second: the same parent folders
+    problem = unwritable(folder)
+    if problem:
+        raise ConfigError(f"{key}={folder}: {problem}; set {key} to a folder you can write (or run from one)")
+    if not multirun and cfg.train.resume == "none":
+        records.check_run_dir_free(folder, cfg.train.overwrite)
+
+
+def preflight(overrides: list[str], multirun: bool, will_run: bool = True) -> None:
     """Compose and type-check every job of the command before Hydra starts any; exit 2 with one clear
-    message (naming the key or option, and the nearest valid one) on the first that fails."""
+    message (naming the key or option, and the nearest valid one) on the first that fails. A command that
+    will run (not `--cfg`) also has its output folder checked and, for a single run, `train.resume=PATH`
+    (a sweep's jobs check their own in `check_job`: they may run on other machines)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -172,16 +273,24 @@ def preflight(overrides: list[str], multirun: bool) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             jobs, swept = _jobs(overrides, multirun)
+            configs = []
             for job in jobs:
                 try:
-                    load_config(compose(config_name="config", overrides=job))
+                    configs.append(load_config(compose(config_name="config", overrides=job)))
                 except (HydraException, OmegaConfBaseException) as err:
                     raise ConfigError(_explain(err, job)) from err
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            if will_run:
+                _check_output_dir(jobs[0], overrides, multirun, configs[0])
+                if not multirun and configs[0].train.resume not in RESUME_KEYWORDS:
+                    check_resume(configs[0], Path.cwd())  # a PATH: the run dir plays no part
         except (HydraException, OmegaConfBaseException) as err:
             print(f"config error: {_explain(err, overrides)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as err:
+            kind = _bad_input_kind(err)
+            if kind is None:
+                raise
+            print(f"{kind} error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
     if swept:
         os.environ[SWEPT_KEYS_ENV] = "|".join(swept)
@@ -195,7 +304,7 @@ def cli() -> None:
     args, _ = get_args_parser().parse_known_args()
     own_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
     if not (args.help or args.hydra_help or args.shell_completion or args.info or own_config):
-        preflight(args.overrides, args.multirun)
+        preflight(args.overrides, args.multirun, will_run=args.cfg is None)
     main()
 
 

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -292,12 +293,16 @@ class Trainer:
             log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.run_dir / records.CKPT_DIR)
             if self.dist.is_main:  # records of an attempt killed before its first checkpoint: its steps rerun
                 truncate_metrics(self.run_dir, -1)
+        if resume != "none":  # one W&B run per run folder, whichever attempt logs
+            wandb_id = wandb_id or records.read_wandb_id(self.run_dir)
 
         self.logger = (
             MetricsLogger(self.run_dir, cfg.logging.wandb, to_dict(cfg), run_name, wandb_id)
             if self.dist.is_main
             else distributed.NullLogger()
         )
+        if self.dist.is_main and self.logger.wandb_id:
+            records.atomic_write(self.run_dir / records.WANDB_ID_FILE, self.logger.wandb_id)
         self.logger.log(self.step, {f"params/{k}": v for k, v in n.items()})
         bf16 = c.precision == Precision.bf16
         peak, peak_source = hardware.peak_flops(
@@ -340,15 +345,7 @@ class Trainer:
         """Compare the checkpoint's config with this run's before loading anything: changes that cannot load
         or continue (shapes, tokenizer, optimizer kind, data order) fail listing each key with both values;
         the others (lr, schedule, max_steps, cadences, ...) are applied, and listed one line each."""
-        if saved is None:
-            return
-        blocking, applied = ckpt.config_changes(saved, to_dict(self.cfg))
-        if blocking:
-            raise ckpt.CheckpointIncompatible(
-                f"cannot resume from {path}: these settings differ from the checkpoint's and cannot change in a "
-                "running training (start a new run folder, or restore them):\n  " + "\n  ".join(blocking)
-            )
-        for line in applied:
+        for line in ckpt.check_compatible(path, saved, to_dict(self.cfg)):
             log.info("resume: %s -> applied from here on", line)
 
     def apply_configured_hyperparameters(self, fresh: list[dict[str, Any]]) -> None:
@@ -366,16 +363,22 @@ class Trainer:
     def restore(self, path: Path) -> str | None:
         """Load a checkpoint (either format) into every component; returns the W&B run id to continue."""
         sharded = ckpt.is_sharded_checkpoint(path)
-        state = ckpt.load_checkpoint(path / ckpt.SHARDED_EXTRA if sharded else path)  # verified, config inside
+        state = ckpt.load_checkpoint(path)  # verified (a sharded folder: every file), the config inside
         self.check_resume_config(path, state.get("config"))
+        try:  # first: the data order must continue (same ranks, seed, windows), or nothing is loaded
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as err:
+            raise ckpt.CheckpointIncompatible(
+                f"cannot resume from {path}: {err} (resume with the ranks it was saved with; a sharded "
+                "checkpoint's weights still load on any number of ranks, e.g. for evaluation)"
+            ) from None
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if sharded:  # each rank reads the shards it holds now (DCP reshards)
-            ckpt.load_sharded_state(path, self.model, self.optimizer)  # extra.pt was read (and verified) above
+            ckpt.load_sharded_state(path, self.model, self.optimizer)
         else:  # every rank read the file; FSDP2 ranks keep their shards
             distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.apply_configured_hyperparameters(fresh)
-        self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state.get("wallclock_s", 0.0)
@@ -595,6 +598,23 @@ class Trainer:
         return summary.to_dict()
 
 
+def claim_run_dir(run_dir: Path, cfg: Config, is_main: bool) -> None:
+    """A fresh run (train.resume=none, outside a scheduler's job) must not mix with another run's records in
+    its folder: refuse (records.RunDirInUse, before anything is written) unless train.overwrite=true, which
+    deletes them."""
+    if cfg.train.resume != "none" or distributed.in_cluster_job():
+        return
+    found = records.check_run_dir_free(run_dir, cfg.train.overwrite)
+    if found and is_main:
+        for path in [*found, run_dir / records.CKPT_DIR, run_dir / records.WANDB_ID_FILE]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        names = ", ".join(str(p.relative_to(run_dir)) for p in found)
+        log.warning("train.overwrite=true: deleted another run's records in %s (%s)", run_dir, names)
+
+
 def train(cfg: Config | DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, Any]:
     """Train per `cfg`, writing records, metrics, checkpoints, status.json and summary.json into `run_dir`.
     A preempted run (USR2 / SIGTERM) exits with SystemExit after its checkpoint (and requeue)."""
@@ -602,6 +622,8 @@ def train(cfg: Config | DictConfig, run_dir: Path, run_name: str = "run") -> dic
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = distributed.detect_env().is_main
+    claim_run_dir(run_dir, cfg, is_main)  # before status.json or config.json is written
+    ckpt.check_resumable(cfg.train.resume, run_dir, to_dict(cfg))  # before anything is written or built
     trainer = None
     if is_main:
         write_status(run_dir, RunState.running, 0)

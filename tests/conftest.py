@@ -23,6 +23,7 @@ DEBUG = "cpu_tiny"  # conf/debug/cpu_tiny.yaml: the tiny CPU settings every trai
 NO_LOCAL = "~local"  # drop this machine's git-ignored conf/local/default.yaml: tests compose as CI does
 
 register_configs()
+pytest_plugins = ["tests.reliability.table"]  # the README's reliability table (--reliability-table=README.md)
 
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:

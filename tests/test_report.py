@@ -404,15 +404,17 @@ def test_an_unfinished_job_followed_by_a_later_one_under_the_basic_launcher_has_
     assert jobs[0].detail.startswith("no summary.json, and job 2 of this sequential (basic launcher) sweep started")
 
 
-def test_status_json_naming_a_dead_process_on_this_host_is_stopped(tmp_path):
+def test_status_json_naming_a_dead_process_on_this_host_is_died(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     job = write_job(tmp_path, 0, ["model=a", "train.seed=1"], None, mtime=NOW)
-    (job / "status.json").write_text(json.dumps({"state": "running", "pid": gone.pid, "host": socket.gethostname()}))
+    status = {"state": "running", "step": 7, "pid": gone.pid, "host": socket.gethostname()}
+    (job / "status.json").write_text(json.dumps(status))
     (j,) = rp.build_report(tmp_path, now=NOW).jobs
     assert (j.status, j.detail) == (
-        "stopped",
-        f"process {gone.pid} on this host is gone without a summary or an error record",
+        "died",
+        f"process {gone.pid} on this host died at or after step 7 without a summary or an error record "
+        "(kill -9, out of memory?)",
     )
 
 

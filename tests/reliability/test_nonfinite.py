@@ -35,6 +35,10 @@ def _poison_gradients_at(trainer: Trainer, backward_calls: set[int]) -> None:
     trainer.model.W_ue.weight.register_hook(hook)
 
 
+@pytest.mark.fault(
+    "one Inf gradient (step 3)",
+    "that update skipped (no optimizer or schedule step), counted and logged; training goes on",
+)
 def test_one_inf_gradient_skips_that_update_and_training_goes_on(tinystories_dir, data_cache, tmp_path):
     cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 10, "train.log_every": 1}))
     trainer = Trainer(cfg, tmp_path / "run")
@@ -51,6 +55,10 @@ def test_one_inf_gradient_skips_that_update_and_training_goes_on(tinystories_dir
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+@pytest.mark.fault(
+    "a non-finite gradient on every step from step 13",
+    "stops after train.max_nonfinite in a row with a clear error; only the finite checkpoint remains",
+)
 def test_max_nonfinite_steps_in_a_row_stop_the_run_as_failed_with_finite_checkpoints(
     tinystories_dir, data_cache, tmp_path
 ):
@@ -65,6 +73,9 @@ def test_max_nonfinite_steps_in_a_row_stop_the_run_as_failed_with_finite_checkpo
     assert ckpt.name == "step_0000010.pt" and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+@pytest.mark.fault(
+    "every loss Inf (as optim.lr=1e6 gives)", 'status "failed" naming NonFiniteError; metrics.jsonl is strict JSON'
+)
 def test_a_failed_run_records_failed_and_its_json_stays_strict(tinystories_dir, data_cache, tmp_path, monkeypatch):
     import scaletrain.trainer as T
 
@@ -82,6 +93,9 @@ def test_a_failed_run_records_failed_and_its_json_stays_strict(tinystories_dir, 
     _strict_json_lines(tmp_path / "run" / records.METRICS_FILE)
 
 
+@pytest.mark.fault(
+    "a NaN in the weights at a checkpoint", "no checkpoint written; the error says the last one holds finite weights"
+)
 def test_a_checkpoint_is_never_written_from_non_finite_weights(tinystories_dir, data_cache, tmp_path):
     trainer = Trainer(compose_cfg(tiny_overrides(tinystories_dir, data_cache)), tmp_path / "run")
     with torch.no_grad():
@@ -91,6 +105,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(tinystories_dir, 
     assert not list((tmp_path / "run" / records.CKPT_DIR).glob("step_*"))
 
 
+@pytest.mark.fault("NaN/Inf values in metrics and summary", "written as null (strict JSON)")
 def test_json_records_write_null_for_nan_and_inf():
     assert records.to_json({"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}}) == (
         '{"a": null, "b": [null, 1.5], "c": {"d": null}}'

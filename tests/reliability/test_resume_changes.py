@@ -4,6 +4,7 @@ loaded, listing each key with both values; the others apply from the resumed ste
 from __future__ import annotations
 
 import pytest
+import torch
 
 from scaletrain.checkpoint import CheckpointIncompatible
 from scaletrain.config import load_config
@@ -29,6 +30,10 @@ def _copy(run_dir, to):
     return to
 
 
+@pytest.mark.fault(
+    "resume with a changed optim.lr and train.max_steps",
+    "applied from the resumed step (schedule re-derived), one line each",
+)
 def test_a_changed_lr_and_max_steps_apply_from_the_resumed_step_and_are_listed(
     finished_run, tmp_path, tinystories_dir, data_cache, caplog
 ):
@@ -46,21 +51,52 @@ def test_a_changed_lr_and_max_steps_apply_from_the_resumed_step_and_are_listed(
         assert lrs[step] == pytest.approx(lr_at(step, 14, 1e-2, cfg.optim.schedule), rel=1e-12)
 
 
+def _blocked(what: str):
+    return pytest.mark.fault(
+        f"resume with {what}", "fails before loading, listing each key with both values; nothing written"
+    )
+
+
 @pytest.mark.parametrize(
     "override,listed",
     [
-        ({"model.d_model": 64}, "model.d_model: 64 (checkpoint: 128)"),
-        ({"optim": "muon"}, "optim.name: muon (checkpoint: adamw)"),
-        ({"data.tokenizer.vocab_size": 600}, "data.tokenizer.vocab_size: 600 (checkpoint: 512)"),
+        pytest.param(
+            {"model.d_model": 64}, "model.d_model: 64 (checkpoint: 128)", marks=_blocked("a different model shape")
+        ),
+        pytest.param(
+            {"optim": "muon"}, "optim.name: muon (checkpoint: adamw)", marks=_blocked("a different optimizer")
+        ),
+        pytest.param(
+            {"data.tokenizer.vocab_size": 600},
+            "data.tokenizer.vocab_size: 600 (checkpoint: 512)",
+            marks=_blocked("a different tokenizer vocabulary"),
+        ),
     ],
 )
 def test_a_changed_shape_optimizer_or_tokenizer_fails_listing_each_key_before_loading(
     finished_run, tmp_path, tinystories_dir, data_cache, override, listed
 ):
     run_dir = _copy(finished_run, tmp_path / "run")
-    before = (run_dir / "metrics.jsonl").read_text()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.resume": "auto", **override}))
     with pytest.raises(CheckpointIncompatible, match="cannot resume from .*step_0000010.pt") as err:
         train(cfg, run_dir)
     assert listed in str(err.value)
-    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing was truncated or appended
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # not even status.json
+
+
+@pytest.mark.fault(
+    "resume with a different number of ranks than the checkpoint was saved with",
+    "fails before loading any weights: names both rank counts and the way on; metrics.jsonl untouched",
+)
+def test_a_changed_rank_count_fails_before_loading_naming_both(finished_run, tmp_path, tinystories_dir, data_cache):
+    run_dir = _copy(finished_run, tmp_path / "run")
+    path = run_dir / "checkpoints" / "step_0000010.pt"
+    state = torch.load(path, weights_only=True)
+    state["loader"]["world_size"] = 2  # as a 2-rank run would have saved it (plain ints: no checksum changes)
+    torch.save(state, path)
+    before = (run_dir / "metrics.jsonl").read_text()
+    cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.resume": "auto"}))
+    with pytest.raises(CheckpointIncompatible, match=r"step_0000010\.pt: loader state was saved with world_size=2, "):
+        train(cfg, run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == before
