@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from scaletrain.config import Config, Precision, load_config, register_configs
-from scaletrain.data import BatchLoader
+from scaletrain.data import BatchLoader, MixtureLoader
 from scaletrain.hardware import (
     configure_cpu_malloc,
     gpu_peak_flops,
@@ -138,7 +138,7 @@ class Contender:
     fwd: Callable[[torch.Tensor], LMOutput]  # what forward runs through (compiled when train.compile)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: BatchLoader
+    loader: BatchLoader | MixtureLoader
     flops_per_token: float
     phases: dict[str, list[float]] = field(default_factory=lambda: {"data": [], "fwd_bwd": [], "optim": []})
     cpu_s: list[float] = field(default_factory=list)  # process CPU time (all threads) of each timed step

@@ -184,6 +184,15 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     return path
 
 
+def save_weights(path: Path, state: dict[str, Any]) -> Path:
+    """A weights file (model state, step, config) written like a full checkpoint: checksummed, atomic, after a
+    free-space check; `load_checkpoint` reads and verifies it."""
+    check_free_space(Path(path).parent, int(state.get("step", 0)), state_nbytes(state))
+    with _disk_full_is_named(Path(path).parent, int(state.get("step", 0))):
+        _save_verified(Path(path), state)
+    return Path(path)
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -338,6 +347,7 @@ _FIXED = (
     "model.",
     "moe.",
     "data.tokenizer.",
+    "data.sources.",  # what the training text is, and each source's share: the data order
     "data.seq_len",
     "optim.name",
     "train.batch_size",
@@ -345,6 +355,7 @@ _FIXED = (
     "train.seed",
 )
 _FIXED_EXCEPT = ("model.dropout", "model.attn_dropout", "moe.impl", "moe.router_jitter", "model.name", "moe.name")
+_APPLIES = (".sample_prompt", ".prompt_template")  # what samples and evaluation start from: not the training
 # Keys that say where or how a run executes, not what it trains: never reported
 _NOT_TRAINING = (
     "train.resume",
@@ -359,6 +370,10 @@ _NOT_TRAINING = (
     "experiment",
     "train.cpu_malloc_cache",
 )
+
+
+# where a source's files are (data.sources.<name>.path), not what they hold (their fingerprints key the cache)
+_WHERE_LEAVES = (".path", ".path_key")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -377,10 +392,10 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str
     a, b = _flatten(saved), _flatten(now)
     blocking, applied = [], []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or key.startswith(_NOT_TRAINING):
+        if a.get(key) == b.get(key) or key.startswith(_NOT_TRAINING) or key.endswith(_WHERE_LEAVES):
             continue
         line = f"{key}: {b.get(key, '(absent)')} (checkpoint: {a.get(key, '(absent)')})"
-        fixed = key.startswith(_FIXED) and not key.startswith(_FIXED_EXCEPT)
+        fixed = key.startswith(_FIXED) and not key.startswith(_FIXED_EXCEPT) and not key.endswith(_APPLIES)
         (blocking if fixed else applied).append(line)
     return blocking, applied
 

@@ -23,8 +23,10 @@ optim.py + a YAML in conf/optim/. Closed sets of options are `StrEnum`s (OmegaCo
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import string
 import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
@@ -335,20 +337,132 @@ class TokenizerConfig:
         _check(self.max_train_bytes > 0, "data.tokenizer.max_train_bytes", "must be positive")
 
 
+class SourceKind(StrEnum):
+    text = "text"  # documents: hub dataset or local .txt (<|endoftext|>-separated) / .jsonl / .parquet files
+    gsm8k = "gsm8k"  # grade-school math word problems (question, worked answer, final answer after "#### ")
+    synthetic = "synthetic"  # procedurally generated reasoning problems with exact answers (data/synthetic.py)
+
+
+GSM8K_FIELDS = ("question", "answer", "solution", "final")  # what a gsm8k template may use
+GSM8K_TEMPLATE = "Question: {question}\nAnswer: {solution}\n#### {final}"
+
+
+# The difficulty knobs of each generated kind (data/synthetic.py KINDS: the same names, defaults and ranges; a
+# test keeps them equal), as typed blocks so that a misspelled knob fails with the nearest name.
+@dataclass
+class ArithmeticKnobs:
+    steps: int = 2  # operations in the word problem
+    max_operand: int = 10
+    max_value: int = 100  # every intermediate result stays within it
+    allow_negative: int = 0  # 1: results may go below zero
+
+
+@dataclass
+class ComparisonKnobs:
+    n_entities: int = 3  # people in the ordering
+
+
+@dataclass
+class BooleanKnobs:
+    depth: int = 2  # nesting depth of and/or
+    n_vars: int = 3
+
+
+@dataclass
+class DeductionKnobs:
+    hops: int = 2  # rules chained from the fact to the answer
+    n_distractors: int = 2
+
+
+@dataclass
+class SyntheticConfig:
+    kinds: list[str] = field(default_factory=lambda: ["arithmetic", "comparison", "boolean", "deduction"])
+    arithmetic: ArithmeticKnobs = field(default_factory=ArithmeticKnobs)
+    comparison: ComparisonKnobs = field(default_factory=ComparisonKnobs)
+    boolean: BooleanKnobs = field(default_factory=BooleanKnobs)
+    deduction: DeductionKnobs = field(default_factory=DeductionKnobs)
+    seed: int = 0
+    n_train: int = 20_000  # problems per kind packed into the training split (train and val never share one)
+    n_val: int = 200  # problems per kind in the validation split
+    with_solution: bool = True  # worked steps before the final answer in the training text
+
+    def difficulty(self, kind: str) -> dict[str, int]:
+        """The knobs of `kind` as data/synthetic.py takes them."""
+        return dataclasses.asdict(getattr(self, kind))
+
+
+@dataclass
+class SourceConfig:
+    """One source of documents (a data config has one, or several mixed by weight)."""
+
+    kind: SourceKind = SourceKind.text
+    weight: float = 1.0  # share of training sequences drawn from this source (normalized over the sources)
+    hub_id: str | None = None  # Hugging Face dataset, used when `path` is null
+    hub_config: str | None = None  # its config name (GSM8K: "main")
+    train_split: str = "train"  # hub split name; local files: train.* / <train_split>.*
+    val_split: str = "validation"  # hub split name; local files: <val_split>.*, valid.*, validation.* or val.*
+    path: str | None = None  # local folder with the split files
+    text_column: str = "text"  # text: the column holding documents (.jsonl / .parquet / hub)
+    # the document made from each record. text: null = the `text_column` as it is, else a format string over
+    # the record's fields ("{instruction}\n{response}"). gsm8k (null = GSM8K_TEMPLATE): from {question},
+    # {answer} (as in the file), {solution} (the worked steps) and {final} (the final answer, commas removed);
+    # prompt_template is what exact-match generation starts from
+    template: str | None = None
+    prompt_template: str = "Question: {question}\nAnswer:"
+    strip_calculator: bool = True  # gsm8k: drop the <<48/2=24>> calculator annotations
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sample_prompt: str | None = None  # samples during training start here (null: the first validation problem)
+    path_key: str | None = None  # set by DataConfig: "data.path" when that shortcut gave `path` (errors name it)
+
+    def check(self, key: str) -> None:
+        """The source's rules, errors naming `key` (data.sources.<name>)."""
+        _check(math.isfinite(self.weight) and self.weight >= 0, f"{key}.weight", f"must be >= 0, got {self.weight}")
+        if self.kind == SourceKind.gsm8k:
+            for name in ("template", "prompt_template"):
+                used = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name) or GSM8K_TEMPLATE) if f}
+                unknown = sorted(used - set(GSM8K_FIELDS))
+                _check(
+                    not unknown,
+                    f"{key}.{name}",
+                    f"refers to {', '.join(unknown)}, which a GSM8K problem does not have; fields: "
+                    + ", ".join(GSM8K_FIELDS),
+                )
+        if self.kind == SourceKind.synthetic:
+            from scaletrain.data import synthetic  # the standard library only: no torch here
+
+            s = self.synthetic
+            _check(bool(s.kinds), f"{key}.synthetic.kinds", "must name at least one kind")
+            _check(s.n_train > 0 and s.n_val > 0, f"{key}.synthetic", "n_train and n_val must be positive")
+            for kind in s.kinds:
+                _check(
+                    kind in synthetic.KINDS,
+                    f"{key}.synthetic.kinds",
+                    f"unknown kind {kind!r}{suggest(kind, list(synthetic.KINDS))}; kinds: {', '.join(synthetic.KINDS)}",
+                )
+                try:
+                    synthetic.resolve_difficulty(kind, s.difficulty(kind))
+                except ValueError as err:
+                    raise ConfigError(f"{key}.synthetic.{kind}: {err}") from None
+        if self.kind != SourceKind.synthetic:
+            _check(
+                self.path is not None or self.hub_id is not None,
+                key,
+                "needs a local folder (path) or a Hugging Face dataset (hub_id)",
+            )
+
+
 @dataclass
 class DataConfig:
     name: str = "tinystories"
-    hub_id: str = "roneneldan/TinyStories"
-    hub_train_split: str = "train"
-    hub_val_split: str = "validation"
-    path: str | None = None  # local folder: train.txt/valid.txt, or *.jsonl / *.parquet with `text`
-    text_column: str = "text"
+    # name -> source; the name keys the per-source metrics (val/<name>/loss, ...). Set by each data/*.yaml.
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    path: str | None = None  # shortcut: the local folder of the only source (= data.sources.<its name>.path)
     seq_len: int = 256
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: str = "${oc.env:SCALETRAIN_CACHE,${oc.env:HOME}/.cache/scaletrain}"
     num_proc: int = 2  # processes for datasets.map tokenization
     hub_timeout_s: float = 5.0  # give up on the hub after this many seconds
-    max_val_tokens: int | None = None  # cap the validation split (None = whole split)
+    max_val_tokens: int | None = None  # cap each source's validation split (None = whole split)
 
     def __post_init__(self) -> None:
         _check(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
@@ -357,6 +471,28 @@ class DataConfig:
             self.max_val_tokens is None or self.max_val_tokens > 0, "data.max_val_tokens", "must be positive or null"
         )
         _check(self.hub_timeout_s > 0, "data.hub_timeout_s", f"must be positive, got {self.hub_timeout_s}")
+        # an empty `sources` is the schema's default (each data/*.yaml sets its own); Config requires one
+        if self.path is not None and self.sources:
+            _check(
+                len(self.sources) == 1,
+                "data.path",
+                f"sets the folder of a single-source data config; this one has {', '.join(self.sources)}: set "
+                "data.sources.<name>.path instead",
+            )
+            only = next(iter(self.sources.values()))
+            only.path, only.path_key = self.path, "data.path"
+        for name, source in self.sources.items():
+            source.check(f"data.sources.{name}")
+        _check(
+            not self.sources or sum(s.weight for s in self.sources.values()) > 0,
+            "data.sources",
+            "the weights sum to 0; expected a positive total (each weight >= 0)",
+        )
+
+    def weights(self) -> dict[str, float]:
+        """Each source's share of the training sequences (the weights normalized to sum 1)."""
+        total = sum(s.weight for s in self.sources.values())
+        return {name: s.weight / total for name, s in self.sources.items()}
 
 
 # ---------------------------------------------------------------- train
@@ -403,8 +539,11 @@ class TrainConfig:
     overwrite: bool = False
     log_every: int = 10
     progress_bar: bool = True  # shown only when stderr is a terminal (never in SLURM/submitit logs)
-    sample_prompt: str = "Once upon a time"
     sample_count: int = 2
+    # exact-match evaluation, at every evaluation, of each source with answers (gsm8k, synthetic): its first
+    # eval_problems validation problems, answered greedily in at most eval_answer_tokens tokens. 0 = off
+    eval_problems: int = 64
+    eval_answer_tokens: int = 96
     sample_tokens: int = 120
     sample_temperature: float = 0.8
     sample_top_k: int = 50
@@ -416,13 +555,14 @@ class TrainConfig:
     max_nonfinite: int = 5
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "eval_answer_tokens"):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be positive, got {getattr(self, key)}")
         for key in (
             "eval_every",
             "ckpt_every",
             "ckpt_keep",
             "sample_count",
+            "eval_problems",
             "sample_tokens",
             "sample_top_k",
             "max_nonfinite",
@@ -526,6 +666,7 @@ class Config:
 
     def __post_init__(self) -> None:
         """Rules spanning groups (each group's own rules ran in its __post_init__)."""
+        _check(bool(self.data.sources), "data.sources", "no source; expected at least one (see conf/data/*.yaml)")
         # a group's range checks let inf through where only a lower bound matters (weight_decay=inf, init_std=inf)
         # and some let nan through; no setting means anything useful when it is not finite
         for key, value in _floats(self, ""):

@@ -1,18 +1,29 @@
 """Decoder-only transformer: token embedding + W_e, pre-norm blocks (RoPE attention, MLP), W_ue.
 
 Here: `Transformer`, `Block`, `Attention`, `MLP`, `RotaryEmbedding`, norm construction, parameter
-counting and FLOPs per token (active parameters for MoE), and sampling. Not here: the MoE layer that
-replaces the MLP of configured blocks (`moe.py`), parallelism (applied from outside the model,
-torchtitan style), optimizer grouping (`optim.py`, `muon.py`).
+counting and FLOPs per token (active parameters for MoE), and generation with a KV cache (`KVCache`,
+`Transformer.complete` for batches of prompts of any lengths, `Transformer.generate` for the training
+samples). Not here: the MoE layer that replaces the MLP of configured blocks (`moe.py`), parallelism
+(applied from outside the model, torchtitan style), optimizer grouping (`optim.py`, `muon.py`).
 
 The forward pass returns `LMOutput(logits, aux_loss)`: the MoE balancing losses travel with the output
 (summed block by block), so a recomputed block (activation checkpointing) cannot count them twice and
 the training step needs one handle to the model. Shape letters: the legend in scaletrain/__init__.py.
+
+Generation. `forward(idx_BT)` is the training path (positions 0..T-1, `is_causal` SDPA), untouched by
+what follows. Generation passes `pad_B` (rows left-padded into one batch) and/or a `KVCache`; then each
+row's tokens take positions 0, 1, ... from its first real token, and attention uses an explicit boolean
+mask (a real key at or before the query), so a row computes what it would compute alone. A padding
+query may see only itself: a fully masked row would make SDPA return NaN, and a NaN key or value would
+reach real rows through 0 * NaN in the weighted sum.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,12 +32,42 @@ from torch import nn
 
 from scaletrain.config import Activation, ModelConfig, MoEConfig, Norm
 from scaletrain.dropout import Dropout
-from scaletrain.moe import MoE, inactive_params, is_moe_layer, moe_matmul_params
+from scaletrain.moe import MoE, inactive_params, is_moe_layer, moe_layers, moe_matmul_params
 
 
 def mark_residual_out(linear: nn.Linear) -> None:
     """A projection that writes into the residual stream: its init is scaled (Transformer._init_weights)."""
     linear.is_residual_out = True  # type: ignore[assignment]  # a plain attribute, not a submodule
+
+
+class Context(NamedTuple):
+    """Where the T input tokens of a generation forward sit (None on the training path). Both token and
+    key axes are sequence positions, hence T twice; keys span the cache slots filled so far plus the inputs.
+    """
+
+    positions_BT: torch.Tensor  # RoPE position of each input token within its own row (padding: 0)
+    allowed_B1TT: torch.Tensor  # bool [B, 1, queries, keys]: key is real and at or before the query (pads: self)
+    start: int  # cache slot of the first input token (0 without a cache)
+    # None: attend to the inputs only. The cache object, not its tensors: a wrapper that casts a module's
+    # floating-point inputs (FSDP2's mixed precision) would otherwise write the new keys into a copy.
+    cache: KVCache | None = None
+    layer: int = 0  # the block's index in the cache
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated once per generation.
+
+    One [B, H, T_max, K] tensor per layer for k and one for v, filled left to right; `length` slots are
+    filled (the same for every row: rows are left-padded, row b's first `pad_B[b]` slots are padding and
+    never attended to). Keys are stored after RoPE, at their absolute positions, so a cached key never
+    needs re-rotating. dtype: what the projections produce (the autocast dtype if autocast is on).
+    """
+
+    def __init__(self, n_layers: int, pad_B: torch.Tensor, n_heads: int, t_max: int, head_dim: int, dtype):
+        shape = (pad_B.shape[0], n_heads, t_max, head_dim)
+        self.k_BHTK = [pad_B.new_zeros(shape, dtype=dtype) for _ in range(n_layers)]  # one per layer
+        self.v_BHTK = [pad_B.new_zeros(shape, dtype=dtype) for _ in range(n_layers)]
+        self.pad_B, self.t_max, self.length = pad_B, t_max, 0
 
 
 class LMOutput(NamedTuple):
@@ -57,13 +98,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_TP", angles_TP.cos().float(), persistent=False)
         self.register_buffer("sin_TP", angles_TP.sin().float(), persistent=False)
 
-    def forward(self, x_BTHK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTHK: torch.Tensor, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """positions_BT: each token's position (generation: per row, after padding and cached tokens);
+        None = 0..T-1 in every row (training)."""
         # Each pair (x0, x1) as the complex number x0 + i*x1, rotated by multiplying with e^(i*angle) (as in
         # Llama / torchtitan): one complex multiply, 3x faster fwd+bwd on CPU than the real-valued stack.
-        T = x_BTHK.shape[1]
-        rot_T1P = torch.complex(self.cos_TP[:T], self.sin_TP[:T])[:, None, :]
+        if positions_BT is None:
+            T = x_BTHK.shape[1]
+            rot_BT1P = torch.complex(self.cos_TP[:T], self.sin_TP[:T])[None, :, None, :]  # B = 1: broadcast
+        else:
+            rot_BT1P = torch.complex(self.cos_TP[positions_BT], self.sin_TP[positions_BT])[:, :, None, :]
         x_BTHP = torch.view_as_complex(x_BTHK.float().contiguous().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(x_BTHP * rot_T1P).flatten(-2).type_as(x_BTHK)
+        return torch.view_as_real(x_BTHP * rot_BT1P).flatten(-2).type_as(x_BTHK)
 
 
 class Attention(nn.Module):
@@ -88,23 +134,46 @@ class Attention(nn.Module):
         y_BTHK = torch.einsum("btd,hkd->bthk", x_BTD, w_HKD)
         return y_BTHK if proj.bias is None else y_BTHK + proj.bias.view(self.n_heads, self.head_dim)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         q_BTHK, k_BTHK, v_BTHK = (self._heads(x_BTD, p) for p in (self.wq, self.wk, self.wv))
         if self.q_norm is not None and self.k_norm is not None:
             q_BTHK, k_BTHK = self.q_norm(q_BTHK), self.k_norm(k_BTHK)
-        q_BTHK, k_BTHK = self.rope(q_BTHK), self.rope(k_BTHK)
-        o_BHTK = F.scaled_dot_product_attention(
-            q_BTHK.transpose(1, 2),
-            k_BTHK.transpose(1, 2),
-            v_BTHK.transpose(1, 2),
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=True,
-        )
+        if ctx is None:  # training: every row starts at position 0, plain causal attention
+            q_BTHK, k_BTHK = self.rope(q_BTHK), self.rope(k_BTHK)
+            o_BHTK = F.scaled_dot_product_attention(
+                q_BTHK.transpose(1, 2),
+                k_BTHK.transpose(1, 2),
+                v_BTHK.transpose(1, 2),
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                is_causal=True,
+            )
+        else:
+            o_BHTK = self._attend_in_context(q_BTHK, k_BTHK, v_BTHK, ctx)
         w_DHK = self.wo.weight.view(-1, self.n_heads, self.head_dim)
         y_BTD = torch.einsum("bhtk,dhk->btd", o_BHTK, w_DHK)
         if self.wo.bias is not None:
             y_BTD = y_BTD + self.wo.bias
         return self.resid_dropout(y_BTD)
+
+    def _attend_in_context(self, q_BTHK, k_BTHK, v_BTHK, ctx: Context) -> torch.Tensor:
+        """Generation: per-row positions, the explicit mask, and the cache (written at slots start.., then
+        read up to the last input, so the inputs see the cached tokens and each other)."""
+        q_BHTK = self.rope(q_BTHK, ctx.positions_BT).transpose(1, 2)
+        k_BHTK = self.rope(k_BTHK, ctx.positions_BT).transpose(1, 2)
+        v_BHTK = v_BTHK.transpose(1, 2)
+        if ctx.cache is not None:
+            cache_k_BHTK, cache_v_BHTK = ctx.cache.k_BHTK[ctx.layer], ctx.cache.v_BHTK[ctx.layer]
+            end = ctx.start + q_BHTK.shape[2]
+            cache_k_BHTK[:, :, ctx.start : end] = k_BHTK
+            cache_v_BHTK[:, :, ctx.start : end] = v_BHTK
+            k_BHTK, v_BHTK = cache_k_BHTK[:, :, :end].to(q_BHTK.dtype), cache_v_BHTK[:, :, :end].to(q_BHTK.dtype)
+        return F.scaled_dot_product_attention(
+            q_BHTK,
+            k_BHTK,
+            v_BHTK,
+            attn_mask=ctx.allowed_B1TT,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
 
 
 class MLP(nn.Module):
@@ -144,10 +213,10 @@ class Block(nn.Module):
             MoE(cfg, moe_cfg, layer_idx) if moe_cfg is not None and is_moe_layer(layer_idx, moe_cfg) else MLP(cfg)
         )
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BTD: torch.Tensor, ctx: Context | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (output, this block's MoE aux loss or None): the loss is read right after the MoE forward that
-        made it and returned, never collected from module attributes later."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+        made it and returned, never collected from module attributes later. ctx: generation only."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), ctx)
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return x_BTD, (self.mlp.aux_loss if isinstance(self.mlp, MoE) else None)
 
@@ -183,15 +252,53 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, idx_BT: torch.Tensor) -> LMOutput:
-        """Token ids [B, T] -> LMOutput(logits [B, T, V], MoE aux loss summed over blocks or None)."""
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        pad_B: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        """Token ids [B, T] -> LMOutput(logits [B, T, V], MoE aux loss summed over blocks or None).
+
+        Training passes ids only. Generation: `pad_B` = left-padding tokens per row (positions restart at
+        each row's first real token, padding is never attended to); `cache` = the ids continue the cached
+        tokens (the cache holds the padding layout, so pad_B is not given with it) and are appended to it;
+        `last_only`: logits of the last position only ([B, 1, V]: a prefill's [B, T, V] with a 50k vocabulary
+        would be gigabytes that generation never reads).
+        """
         x_BTD = self.emb_dropout(self.W_e(self.tok_emb(idx_BT)))
+        ctx = None if pad_B is None and cache is None else self._context(idx_BT.shape[1], pad_B, cache)
         aux = None
-        for block in self.blocks:
-            x_BTD, block_aux = block(x_BTD)
+        for i, block in enumerate(self.blocks):
+            x_BTD, block_aux = block(x_BTD, None if ctx is None else ctx._replace(layer=i))
             if block_aux is not None:
                 aux = block_aux if aux is None else aux + block_aux
+        if cache is not None:
+            cache.length += idx_BT.shape[1]
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
         return LMOutput(self.W_ue(self.final_norm(x_BTD)), aux)
+
+    def _context(self, T: int, pad_B: torch.Tensor | None, cache: KVCache | None) -> Context:
+        """Positions and mask of T new tokens after `cache.length` cached slots (0 without a cache)."""
+        start = 0
+        if cache is not None:
+            if pad_B is not None:
+                raise ValueError("pass pad_B when creating the KVCache, not with it")
+            if cache.length + T > cache.t_max:
+                raise ValueError(f"KVCache full: {cache.length} + {T} tokens > {cache.t_max} slots")
+            start, pad_B = cache.length, cache.pad_B
+        assert pad_B is not None
+        query_T = torch.arange(start, start + T, device=pad_B.device)
+        key_T = torch.arange(start + T, device=pad_B.device)
+        # Positions past the RoPE table occur only in rows that have already finished (generation keeps them
+        # in the batch for static shapes and discards their tokens): clamped, so they cannot index out of range.
+        positions_BT = (query_T - pad_B[:, None]).clamp(0, self.max_seq_len - 1)
+        causal_TT = key_T[None, :] <= query_T[:, None]
+        real_BT = key_T[None, :] >= pad_B[:, None]  # [B, keys]
+        allowed_BTT = causal_TT & (real_BT[:, None, :] | (key_T[None, :] == query_T[:, None]))
+        return Context(positions_BT, allowed_BTT[:, None], start, cache)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts. `embedding` = token embedding + W_e + W_ue (shared tensors counted once);
@@ -223,6 +330,47 @@ class Transformer(nn.Module):
         return 6.0 * matmul + 12.0 * self.cfg.n_layers * seq_len * self.cfg.d_model
 
     @torch.no_grad()
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]] | torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        stop_token: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Continue prompts of any lengths in one batch -> each row's new tokens, cut before its stop token.
+
+        Rows are left-padded; each keeps its own positions and never sees padding, so with greedy decoding
+        (temperature 0) a row's answer is the one it gets alone and the same with or without the cache (up
+        to fp32 rounding, which can only flip a near-tie between the top two logits). temperature > 0:
+        sample from softmax(logits / temperature), over the top_k logits if top_k, drawing from generator.
+        A row ends at its first stop_token (not returned), after max_new_tokens, or when prompt + new tokens
+        reach max_seq_len (the RoPE table and the trained context end there); a prompt longer than
+        max_seq_len is an error (cutting it would silently change the question). use_cache=False recomputes
+        every position at every step: the reference the cache is tested against. Runs in the model's
+        current mode (call .eval(): dropout). MoE layers route dropless here (`_dropless`).
+        """
+        rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
+        lengths = [len(r) for r in rows]
+        if not rows or min(lengths) == 0 or max(lengths) > self.max_seq_len:
+            raise ValueError(
+                f"complete: need at least one prompt, each of 1..max_seq_len={self.max_seq_len} tokens "
+                f"(got lengths {sorted(set(lengths))})"
+            )
+        P, device = max(lengths), self.tok_emb.weight.device
+        pad_B = torch.tensor([P - n for n in lengths], device=device)
+        idx_BT = torch.tensor([[0] * (P - n) + r for r, n in zip(rows, lengths)], device=device)  # 0: any id
+        budget_B = torch.tensor([max(0, min(max_new_tokens, self.max_seq_len - n)) for n in lengths], device=device)
+        new_BT = self._decode(idx_BT, pad_B, budget_B, _sampler(temperature, top_k, generator), stop_token, use_cache)
+        out = []
+        for row, budget in zip(new_BT.tolist(), budget_B.tolist()):
+            row = row[:budget]
+            out.append(row[: row.index(stop_token)] if stop_token in row else row)
+        return out
+
+    @torch.no_grad()
     def generate(
         self,
         idx_BT: torch.Tensor,
@@ -231,20 +379,90 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         stop_token: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample continuations (no KV cache: fine for the short samples shown during training)."""
-        for _ in range(max_new_tokens):
-            logits_BV = self(idx_BT[:, -self.max_seq_len :]).logits[:, -1, :].float()
-            if temperature <= 0:
-                next_B1 = logits_BV.argmax(-1, keepdim=True)
-            else:
-                logits_BV = logits_BV / temperature
-                if top_k:
-                    kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.size(-1))).values[:, -1:]
-                    logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-                probs_BV = F.softmax(logits_BV, dim=-1)
-                next_B1 = torch.multinomial(probs_BV, 1, generator=generator)
-            idx_BT = torch.cat((idx_BT, next_B1), dim=1)
-            if stop_token is not None and bool((next_B1 == stop_token).all()):
-                break
-        return idx_BT
+        """[B, T] prompts of one length -> [B, T + n] prompts and continuations (the training samples).
+
+        Stops once every row has produced stop_token (later tokens of a row are stop_token) or after
+        max_new_tokens. Past max_seq_len the context slides (the last max_seq_len tokens, recomputed each
+        step without the cache); `complete` is the API for evaluation (any prompt lengths, no sliding).
+        """
+        B, T = idx_BT.shape
+        fits = T + max_new_tokens <= self.max_seq_len
+        budget_B = idx_BT.new_full((B,), max_new_tokens)
+        sampler = _sampler(temperature, top_k, generator)
+        new_BT = self._decode(idx_BT, idx_BT.new_zeros(B), budget_B, sampler, stop_token, use_cache and fits)
+        return torch.cat((idx_BT, new_BT), dim=1)
+
+    def _decode(
+        self,
+        idx_BT: torch.Tensor,
+        pad_B: torch.Tensor,
+        budget_B: torch.Tensor,
+        sampler: Callable[[torch.Tensor], torch.Tensor],
+        stop_token: int | None,
+        use_cache: bool,
+    ) -> torch.Tensor:
+        """The loop behind `complete` and `generate` -> new tokens [B, n], n = steps until every row is done
+        (stop token or budget). Done rows stay in the batch (static shapes) and are fed stop_token."""
+        B, T = idx_BT.shape
+        steps, padded = int(budget_B.max()), bool(pad_B.any())
+        cache, dtype = None, self.tok_emb.weight.dtype
+        if torch.is_autocast_enabled(idx_BT.device.type):
+            dtype = torch.get_autocast_dtype(idx_BT.device.type)
+        if use_cache and steps > 0:  # the last new token is never fed back: T + steps - 1 slots
+            H, K = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+            cache = KVCache(len(self.blocks), pad_B, H, T + steps - 1, K, dtype)
+        done_B = budget_B <= 0
+        seq_BT, input_BT, new = idx_BT, idx_BT, []
+        with self._dropless():
+            for t in range(steps):
+                if cache is not None:
+                    logits_B1V = self(input_BT, cache=cache, last_only=True).logits
+                elif padded:
+                    logits_B1V = self(seq_BT, pad_B=pad_B, last_only=True).logits
+                else:  # the training forward; slides past max_seq_len (generate only: complete never gets there)
+                    logits_B1V = self(seq_BT[:, -self.max_seq_len :], last_only=True).logits
+                next_B = sampler(logits_B1V[:, -1].float())
+                if stop_token is not None:
+                    next_B = torch.where(done_B, stop_token, next_B)
+                    done_B = done_B | (next_B == stop_token)
+                new.append(next_B)
+                done_B = done_B | (budget_B <= t + 1)
+                if bool(done_B.all()):
+                    break
+                input_BT = next_B[:, None]
+                seq_BT = torch.cat((seq_BT, input_BT), dim=1)
+        return torch.stack(new, dim=1) if new else idx_BT.new_zeros(B, 0)
+
+    @contextlib.contextmanager
+    def _dropless(self) -> Iterator[None]:
+        """MoE layers route without capacity while generating. With a capacity factor, which tokens drop
+        depends on every token in the forward (N = B*T at prefill, B per decode step, padding included), so
+        a row's answer would depend on its batch mates and on the cache; dropless routing is per token.
+        A model trained with a capacity factor thus generates with the routing its tokens asked for."""
+        layers = moe_layers(self)
+        saved = [m.moe_cfg for m in layers]
+        for m in layers:
+            m.moe_cfg = dataclasses.replace(m.moe_cfg, capacity_factor=None)
+        try:
+            yield
+        finally:
+            for m, moe_cfg in zip(layers, saved):
+                m.moe_cfg = moe_cfg
+
+
+def _sampler(temperature: float, top_k: int | None, generator: torch.Generator | None):
+    """logits_BV (fp32) -> next token ids [B]: argmax when temperature <= 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest logits."""
+
+    def sample(logits_BV: torch.Tensor) -> torch.Tensor:
+        if temperature <= 0:
+            return logits_BV.argmax(-1)
+        logits_BV = logits_BV / temperature
+        if top_k:
+            kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.size(-1))).values[:, -1:]
+            logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+        return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)[:, 0]
+
+    return sample

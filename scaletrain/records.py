@@ -16,6 +16,9 @@ A run directory holds:
     status.json      RunState, step, pid, host, error             (write_status, every state change)
     summary.json     Summary, written once the run has finished   (write_summary)
     wandb_id         the folder's one W&B run id                  (trainer, when W&B is on)
+    tokenizer.json   the run's tokenizer                           (trainer, at the start)
+    model.pt         final weights, step and config, checksummed   (trainer, when the run finishes)
+    eval.json        metrics of `python -m scaletrain.eval`        (scaletrain.eval)
     checkpoints/     step_XXXXXXX.pt files and step_XXXXXXX/ DCP folders; hidden names (.*) are
                      temporary and never a checkpoint
 """
@@ -46,6 +49,9 @@ METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 CKPT_DIR = "checkpoints"
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer: sample/eval need no data folder or cache
+MODEL_FILE = "model.pt"  # the final weights (model state, step, config; checksummed), written when the run ends
+EVAL_FILE = "eval.json"  # what `python -m scaletrain.eval` measured
 WANDB_ID_FILE = "wandb_id"  # a resumed attempt logs into the same W&B run, even one killed before any checkpoint
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,6 +66,11 @@ PERF_TOKENS_PER_S = "perf/tokens_per_s"
 PERF_MFU = "perf/mfu"
 MOE_LOAD_MAX_OVER_MEAN = "moe/load_max_over_mean"  # max over MoE layers; 1 = balanced
 SAMPLES = "samples"
+
+
+def source_metric(source: str, what: str) -> str:
+    """`val/<source>/<what>`: a validation metric of one data source (loss, bpb, exact_match)."""
+    return f"val/{source}/{what}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +219,8 @@ class Summary:
     wallclock_s: float  # training time over every attempt of the run (resumes included)
     run_name: str
     wandb_id: str | None
+    # every final validation metric as metrics.jsonl names it: val/loss, val/<source>/exact_match, ...
+    val: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -221,10 +234,11 @@ class Summary:
         """Unknown keys are ignored (a newer writer); a missing field is a ValueError naming it."""
         if not isinstance(d, dict):
             raise ValueError(f"a summary is a JSON object; got {type(d).__name__}")
-        missing = [k for k in cls.fields() if k not in d]
+        required = [f.name for f in dataclasses.fields(cls) if f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"summary lacks {missing}")
-        return cls(**{k: d[k] for k in cls.fields()})
+        return cls(**{k: d[k] for k in cls.fields() if k in d})
 
 
 def write_summary(run_dir: str | os.PathLike, summary: Summary) -> Path:

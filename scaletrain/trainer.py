@@ -43,8 +43,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scaletrain import checkpoint as ckpt
 from scaletrain import distributed, hardware, records
-from scaletrain.config import CkptFormat, Config, Precision, load_config, to_dict
-from scaletrain.data import BatchLoader, PreparedData, eval_batches, prepare_data
+from scaletrain.config import CkptFormat, Config, ConfigError, Precision, load_config, to_dict
+from scaletrain.data import (
+    BatchLoader,
+    EvalProblem,
+    MixtureLoader,
+    PreparedData,
+    Tokenizer,
+    eval_batches,
+    prepare_data,
+    synthetic,
+)
 from scaletrain.metrics import MetricsLogger, truncate_metrics, write_run_record
 from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers, moe_metrics, update_moe_biases
@@ -81,20 +90,18 @@ def build_model(cfg: Config, tokenizer_vocab: int) -> Transformer:
     return Transformer(cfg.model, vocab, cfg.data.seq_len, cfg.moe)
 
 
-def build_loader(tokens: np.ndarray, cfg: Config, dist: distributed.DistEnv, device: torch.device) -> BatchLoader:
-    """This rank's shard of every global batch: batch_size / world_size sequences."""
+def build_loader(
+    streams: list[np.ndarray], weights: list[float], cfg: Config, dist: distributed.DistEnv, device: torch.device
+) -> BatchLoader | MixtureLoader:
+    """This rank's shard of every global batch: batch_size / world_size sequences, from one token stream, or
+    from several with each row's source drawn by weight."""
     world, bs = dist.world_size, cfg.train.batch_size
     if bs % world:
-        raise ValueError(f"train.batch_size={bs} (global) must be divisible by the {world} ranks")
-    return BatchLoader(
-        tokens,
-        bs // world,
-        cfg.data.seq_len,
-        seed=cfg.train.seed,
-        rank=dist.rank,
-        world_size=world,
-        pin_memory=device.type == "cuda",
-    )
+        raise ConfigError(f"train.batch_size: {bs} (global) must be divisible by the {world} ranks")
+    common = dict(seed=cfg.train.seed, rank=dist.rank, world_size=world, pin_memory=device.type == "cuda")
+    if len(streams) == 1:
+        return BatchLoader(streams[0], bs // world, cfg.data.seq_len, **common)  # pyright: ignore[reportArgumentType]
+    return MixtureLoader(streams, weights, bs // world, cfg.data.seq_len, **common)  # pyright: ignore[reportArgumentType]
 
 
 @dataclass
@@ -110,7 +117,7 @@ class Components:
     fwd: Callable[..., Any]  # what a training forward runs through: torch.compile(dp_model) or dp_model
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR  # lambdas from the config, so a resumed run follows its own
-    loader: BatchLoader
+    loader: BatchLoader | MixtureLoader
     precision: Precision  # train.precision resolved for this device (auto -> fp32 or bf16)
     autocast: Callable[[], contextlib.AbstractContextManager]
 
@@ -130,8 +137,12 @@ def build(
     device = device or hardware.pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg.data) if train_tokens is None else None
-    tokens = data.train.tokens if data is not None else train_tokens
-    assert tokens is not None
+    if data is not None:
+        streams = [s.train.tokens for s in data.sources.values()]
+        weights = [s.weight for s in data.sources.values()]
+    else:
+        assert train_tokens is not None
+        streams, weights = [train_tokens], [1.0]
     model = build_model(cfg, data.tokenizer.vocab_size if data is not None else cfg.data.tokenizer.vocab_size)
     model = model.to(device)
     dp_model = distributed.parallelize(model, cfg.train.parallel, device, dist)
@@ -150,7 +161,7 @@ def build(
         fwd,
         optimizer,
         scheduler,
-        build_loader(tokens, cfg, dist, device),
+        build_loader(streams, weights, cfg, dist, device),
         precision,
         make_autocast(precision, device),
     )
@@ -203,18 +214,13 @@ def optimizer_step(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, data: PreparedData, cfg: Config, device: torch.device, autocast, world_size: int = 1
-) -> dict:
-    """Mean next-token loss over a fixed set of validation windows, and their exact bits per byte.
-    With several ranks each one evaluates the same windows in per-rank micro-batches (same result)."""
-    model.eval()
+def _evaluate_stream(
+    model: nn.Module, tokens: np.ndarray, token_bytes: np.ndarray, cfg: Config, device: torch.device, autocast, world
+) -> tuple[float, float]:
+    """(mean next-token loss, bits per byte) over a fixed set of windows of one validation stream."""
     nats, n_tokens, n_bytes = torch.zeros((), device=device), 0, 0
-    token_bytes = data.tokenizer.token_bytes()  # UTF-8 bytes each id stands for (eot: 0)
     t = cfg.train
-    for x, y in eval_batches(
-        data.val.tokens, t.batch_size // world_size, cfg.data.seq_len, t.eval_batches * world_size
-    ):
+    for x, y in eval_batches(tokens, t.batch_size // world, cfg.data.seq_len, t.eval_batches * world):
         n_tokens += y.numel()
         n_bytes += int(token_bytes[y.numpy()].sum())
         x, y = x.to(device), y.to(device)
@@ -223,7 +229,49 @@ def evaluate(
         nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
     total = nats.item()
     # bpb: total nats of the predicted tokens -> bits, divided by the UTF-8 bytes those tokens encode.
-    return {records.VAL_LOSS: total / n_tokens, records.VAL_BPB: total / math.log(2) / n_bytes}
+    return total / n_tokens, total / math.log(2) / n_bytes
+
+
+def evaluate(
+    model: nn.Module, data: PreparedData, cfg: Config, device: torch.device, autocast, world_size: int = 1
+) -> dict:
+    """Mean next-token loss over a fixed set of validation windows of each source, and their exact bits per
+    byte. Several sources: each one's as val/<source>/loss and val/<source>/bpb, and val/loss, val/bpb the
+    means weighted by the sources' training shares (the mixture's loss). With several ranks each one
+    evaluates the same windows in per-rank micro-batches (same result)."""
+    model.eval()
+    token_bytes = data.tokenizer.token_bytes()  # UTF-8 bytes each id stands for (eot: 0)
+    out: dict[str, float] = {records.VAL_LOSS: 0.0, records.VAL_BPB: 0.0}
+    for name, source in data.sources.items():
+        loss, bpb = _evaluate_stream(model, source.val.tokens, token_bytes, cfg, device, autocast, world_size)
+        out[records.VAL_LOSS] += source.weight * loss
+        out[records.VAL_BPB] += source.weight * bpb
+        if len(data.sources) > 1:
+            out[records.source_metric(name, "loss")] = loss
+            out[records.source_metric(name, "bpb")] = bpb
+        problems = source.problems[: cfg.train.eval_problems]
+        if problems:
+            with autocast():
+                out[records.source_metric(name, "exact_match")] = exact_match(
+                    model, data.tokenizer, problems, cfg.train.eval_answer_tokens
+                )
+    return out
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, tokenizer: Tokenizer, problems: list[EvalProblem], max_new_tokens: int) -> float:
+    """The share of `problems` whose greedy continuation (batched, KV-cached, stopped at end-of-text) states
+    the exact answer: `synthetic.extract_answer` (the text after '####', canonical) equals the problem's.
+    A prompt longer than the model's context counts as wrong, never truncated."""
+    inner = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 shards the module itself
+    assert isinstance(inner, Transformer)
+    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    fits = [i for i, ids in enumerate(prompts) if len(ids) < inner.max_seq_len]
+    if not fits:
+        return 0.0
+    answers = inner.complete([prompts[i] for i in fits], max_new_tokens, stop_token=tokenizer.eot_id)
+    right = sum(synthetic.extract_answer(tokenizer.decode(new)) == problems[i].answer for i, new in zip(fits, answers))
+    return right / len(problems)
 
 
 def sample(model: Transformer, data: PreparedData, cfg: Config, device: torch.device, step: int) -> list[str]:
@@ -232,7 +280,9 @@ def sample(model: Transformer, data: PreparedData, cfg: Config, device: torch.de
     if t.sample_count == 0:
         return []
     gen = torch.Generator(device=device).manual_seed(t.seed + step)
-    prompt = torch.tensor([data.tokenizer.encode(t.sample_prompt)] * t.sample_count, device=device)
+    text = data.sample_prompt  # the data config's prompt, else a validation problem; none: from end-of-text
+    ids = data.tokenizer.encode(text) if text else [data.tokenizer.eot_id]
+    prompt = torch.tensor([ids] * t.sample_count, device=device)
     out = model.generate(
         prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, stop_token=data.tokenizer.eot_id, generator=gen
     )
@@ -263,6 +313,8 @@ class Trainer:
         self.c = build(cfg, self.dist, device)
         assert self.c.data is not None  # built from the configured data, which evaluation needs
         self.data: PreparedData = self.c.data
+        if self.dist.is_main:  # the run folder holds what sampling and evaluation need (scaletrain.runs)
+            self.data.tokenizer.save(self.run_dir / records.TOKENIZER_FILE)
         c = self.c
         self.device, self.model, self.optimizer = c.device, c.model, c.optimizer
         self.scheduler, self.loader, self.autocast = c.scheduler, c.loader, c.autocast
@@ -566,7 +618,15 @@ class Trainer:
         outcome, code = distributed.requeue_or_stop(self.dist, self.cfg.cluster.max_requeues, self.preempt.signum)
         raise distributed.Preempted(outcome, code, self.preempt.name)
 
+    def save_final_weights(self) -> None:
+        """model.pt: the final weights with step and config, checksummed (every rank calls this: FSDP2 gathers)."""
+        model_sd, _ = distributed.full_state(self.model, self.optimizer)
+        if self.dist.is_main:
+            state = {"model": model_sd, "step": self.step, "config": to_dict(self.cfg)}
+            ckpt.save_weights(self.run_dir / records.MODEL_FILE, state)
+
     def finish(self, val: dict) -> dict[str, Any]:
+        self.save_final_weights()
         n = self.counts
         summary = Summary(
             step=self.step,
@@ -582,6 +642,7 @@ class Trainer:
             wallclock_s=self.wallclock(),
             run_name=self.run_name,
             wandb_id=self.logger.wandb_id,
+            val={k: v for k, v in val.items() if k.startswith("val/")},
         )
         if self.dist.is_main:
             records.write_summary(self.run_dir, summary)

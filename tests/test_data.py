@@ -6,6 +6,7 @@ and tokenized with GPT-2's BPE so that expected streams are exact and need no tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -17,20 +18,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from scaletrain import data
-from scaletrain.config import DataConfig, TokenizerConfig
+from scaletrain.config import DataConfig, SourceConfig, TokenizerConfig
 from scaletrain.data import BatchLoader, DataError, Tokenizer, eval_batches, iter_txt_documents, prepare_data
+from scaletrain.data import cache as _cache  # noqa: F401 - loads data.cache for data.cache
+from scaletrain.data import common as _common  # noqa: F401
+from scaletrain.data import sources as _sources  # noqa: F401
 
 SEPARATOR = "\n<|endoftext|>\n"  # what follows each story in the TinyStories text files
 TRAIN_DOCS = [f"Story {i}: Tom saw a “big” dog. It was {'very ' * (i % 4)}café-good." for i in range(40)]
 VAL_DOCS = [f"Val {i}: Sue ran — fast! ‘Yes’, she said." for i in range(12)]
 
 
+SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)} - {"path"}  # data.path: the shortcut users type
+
+
 def data_cfg(cache, **kw):
+    """A one-source data config (source "stories": the TinyStories hub dataset unless `path` is given); keys of
+    SourceConfig go to the source, the rest to DataConfig."""
     tokenizer = kw.pop("tokenizer", {})
-    return OmegaConf.structured(DataConfig(cache_dir=str(cache), tokenizer=TokenizerConfig(**tokenizer), **kw))
+    source = SourceConfig(hub_id="roneneldan/TinyStories", **{k: kw.pop(k) for k in list(kw) if k in SOURCE_KEYS})
+    return DataConfig(sources={"stories": source}, cache_dir=str(cache), tokenizer=TokenizerConfig(**tokenizer), **kw)
 
 
 def gpt2_cfg(path, cache, tinystories_dir, **kw):
@@ -160,8 +169,8 @@ def test_second_prepare_reuses_tokenizer_and_tokens_without_recomputing(stories,
         raise AssertionError("recomputed although the cache is warm")
 
     monkeypatch.setattr(Tokenizer, "train_bpe", fail)
-    monkeypatch.setattr(data, "_encode_split", fail)
-    monkeypatch.setattr(data, "_load_local_file", fail)
+    monkeypatch.setattr(data.cache, "_encode_split", fail)
+    monkeypatch.setattr(data.sources, "_load_local_file", fail)
     second = prepare_data(cfg)
     assert second.cache_dir == first.cache_dir
     assert second.tokenizer.fingerprint == first.tokenizer.fingerprint
@@ -180,18 +189,18 @@ def test_changed_text_gets_a_new_cache_entry(small_corpus, tmp_path, tinystories
 
 def test_interrupted_build_leaves_no_entry_that_looks_complete(small_corpus, tmp_path, tinystories_dir, monkeypatch):
     cfg = gpt2_cfg(small_corpus, tmp_path / "cache", tinystories_dir)
-    write = data._write_stream
+    write = data.cache._write_stream
 
     def crash_on_val(encoded, path, *args):
         if path.name == "val.bin":
             raise KeyboardInterrupt("crash while writing val.bin")
         return write(encoded, path, *args)
 
-    monkeypatch.setattr(data, "_write_stream", crash_on_val)
+    monkeypatch.setattr(data.cache, "_write_stream", crash_on_val)
     with pytest.raises(KeyboardInterrupt, match="val.bin"):
         prepare_data(cfg)
     assert list((tmp_path / "cache" / "tokens").iterdir()) == []
-    monkeypatch.setattr(data, "_write_stream", write)
+    monkeypatch.setattr(data.cache, "_write_stream", write)
     assert prepare_data(cfg).val.n_docs == 12
 
 
@@ -215,17 +224,17 @@ def test_jsonl_and_parquet_inputs_give_the_same_stream(tmp_path, tinystories_dir
 def test_hub_splits_are_loaded_by_name_and_packed_like_local_files(tmp_path, tinystories_dir, gpt2, monkeypatch):
     calls = []
 
-    def fake_load_dataset(hub_id, split):
-        calls.append((hub_id, split))
+    def fake_load_dataset(hub_id, config, split):
+        calls.append((hub_id, config, split))
         docs = TRAIN_DOCS if split == "train" else VAL_DOCS
         return datasets.Dataset.from_dict({"id": list(range(len(docs))), "story": docs})
 
-    monkeypatch.setattr(data, "_check_hub_reachable", lambda timeout_s: None)
-    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data.sources, "_check_hub_reachable", lambda timeout_s: None)
+    monkeypatch.setattr(data.sources.datasets, "load_dataset", fake_load_dataset)
     cfg = gpt2_cfg(tmp_path, tmp_path / "cache", tinystories_dir, text_column="story")
-    cfg.path = None
+    cfg.sources["stories"].path = None
     d = prepare_data(cfg)
-    assert calls == [("roneneldan/TinyStories", "train"), ("roneneldan/TinyStories", "validation")]
+    assert calls == [("roneneldan/TinyStories", None, "train"), ("roneneldan/TinyStories", None, "validation")]
     assert d.train.tokens.tolist() == expected_stream(gpt2, TRAIN_DOCS)
     assert (d.val.n_docs, d.val.n_bytes) == (12, sum(len(doc.encode()) for doc in VAL_DOCS))
 
@@ -241,7 +250,7 @@ def test_missing_folder_error_names_the_path(tmp_path):
 def test_folder_without_split_files_lists_the_accepted_names(tmp_path):
     write_txt(tmp_path, "train.txt", TRAIN_DOCS)
     accepted = (
-        "valid.txt, valid.jsonl, valid.parquet, validation.txt, validation.jsonl, validation.parquet, "
+        "validation.txt, validation.jsonl, validation.parquet, valid.txt, valid.jsonl, valid.parquet, "
         "val.txt, val.jsonl, val.parquet"
     )
     expected = f"{re.escape(str(tmp_path))}: no val file; expected exactly one of {accepted}$"
@@ -261,7 +270,7 @@ def test_missing_column_error_names_the_key_and_the_file(tmp_path):
     with pytest.raises(
         DataError,
         match=f"{re.escape(str(tmp_path))}/train.jsonl has no column 'text' "
-        r"\(data.text_column\); its columns: \['story'\]",
+        r"\(data.sources.stories.text_column\); its columns: \['story'\]",
     ):
         prepare_data(data_cfg(tmp_path / "cache", path=str(tmp_path)))
 
@@ -279,7 +288,7 @@ def test_unreachable_hub_fails_before_datasets_retries_and_points_to_data_path(t
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(data.datasets, "load_dataset", _never_load_dataset)
+    monkeypatch.setattr(data.sources.datasets, "load_dataset", _never_load_dataset)
     with pytest.raises(
         DataError,
         match=r"cannot reach the Hugging Face hub at http://127.0.0.1:9 .*"
@@ -301,8 +310,8 @@ def test_a_hub_connection_that_hangs_is_given_up_after_data_hub_timeout_s(tmp_pa
         release.wait(60)
         return socket.socket()
 
-    monkeypatch.setattr(data.socket, "create_connection", hanging_connection)
-    monkeypatch.setattr(data.datasets, "load_dataset", _never_load_dataset)
+    monkeypatch.setattr(data.common.socket, "create_connection", hanging_connection)
+    monkeypatch.setattr(data.sources.datasets, "load_dataset", _never_load_dataset)
     try:
         with pytest.raises(DataError, match=r"hub.invalid \(timed out\) within data.hub_timeout_s=0.05"):
             prepare_data(data_cfg(tmp_path / "cache", hub_timeout_s=0.05))

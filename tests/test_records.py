@@ -154,6 +154,7 @@ def test_summary_fields_are_the_documented_summary_json_keys():
         "wallclock_s",
         "run_name",
         "wandb_id",
+        "val",
     )
     assert set(rp.SUMMARY_STATS) <= set(Summary.fields())
 

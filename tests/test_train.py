@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 
 from scaletrain import data as data_mod
 from scaletrain.config import ModelConfig
-from scaletrain.hardware import configure_cpu_malloc
 from scaletrain.model import Transformer
 from scaletrain.trainer import train
 
@@ -199,26 +197,42 @@ def test_checkpoint_rotation_keeps_the_newest(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000015.pt", "step_0000020.pt"]
 
 
+_MALLOC_PROBE = """
+import os, sys
+from pathlib import Path
+import torch
+from scaletrain.hardware import configure_cpu_malloc
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def resident_after_free():
+    t = torch.ones(64 * 2**20)  # 256 MB, written so every page is resident
+    before = rss()
+    del t
+    return rss() - before + 256 * 2**20  # bytes of the tensor still resident
+
+if sys.argv[1] == "on":
+    assert "on" in configure_cpu_malloc(True)
+else:
+    assert "on" in configure_cpu_malloc(True) and "off" in configure_cpu_malloc(False)
+print(resident_after_free())
+"""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc cache is a glibc setting")
 def test_the_cpu_malloc_cache_keeps_freed_tensors_resident_and_switches_back():
     """With the cache on, freeing a 256 MB tensor keeps its pages (the next step reuses them without page
-    faults); with glibc's defaults the pages go back to the kernel at once."""
+    faults); switched back to glibc's defaults the pages go back to the kernel at once. Each case in a fresh
+    process: whether glibc can return a block depends on the heap around it, i.e. on what ran before."""
 
-    def rss() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def resident(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
 
-    def resident_after_free() -> int:
-        t = torch.ones(64 * 2**20)  # 256 MB, written so every page is resident
-        before = rss()
-        del t
-        return rss() - before + 256 * 2**20  # bytes of the tensor still resident
-
-    try:
-        assert "on" in configure_cpu_malloc(True)
-        assert resident_after_free() > 200 * 2**20
-    finally:
-        assert "off" in configure_cpu_malloc(False)
-    assert resident_after_free() < 50 * 2**20
+    assert resident("on") > 200 * 2**20
+    assert resident("off") < 50 * 2**20
 
 
 def _model_and_adamw(seed: int):

@@ -388,7 +388,7 @@ def _bad_data(case: str, root: Path, small: Path) -> tuple[Path, dict[str, objec
 DATA_CASES = [
     pytest.param(
         "missing_folder",
-        "data.path={root}/nope: folder {root}/nope not found; expected a folder with train.txt/valid.txt",
+        "data.path={root}/nope: folder {root}/nope not found; expected a folder with the train and validation files",
         marks=fault("`data.path=` a folder that does not exist", "DataError: names data.path and the files expected"),
     ),
     pytest.param(
@@ -398,7 +398,7 @@ DATA_CASES = [
     ),
     pytest.param(
         "no_valid",
-        "{root}/data: no val file; expected exactly one of valid.txt",
+        "{root}/data: no val file; expected exactly one of validation.txt",
         marks=fault("data folder without valid.txt", "DataError: names the folder and the file names accepted"),
     ),
     pytest.param(
@@ -431,8 +431,10 @@ DATA_CASES = [
     ),
     pytest.param(
         "missing_column",
-        "{root}/data/train.parquet has no column 'text' (data.text_column); its columns: ['story']",
-        marks=fault("parquet without the `text` column", "DataError: names data.text_column, the columns there"),
+        "{root}/data/train.parquet has no column 'text' (data.sources.tinystories.text_column); its columns: ['story']",
+        marks=fault(
+            "parquet without the `text` column", "DataError: names data.sources.<name>.text_column, the columns there"
+        ),
     ),
     pytest.param(
         "short_valid",
