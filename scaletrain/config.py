@@ -76,6 +76,10 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 2048
     n_embed: int | None = None  # token-embedding width; None = d_model (then W_e is still a Linear)
+    # false: no W_e projection, the token embedding (d_model wide) feeds the blocks directly (Llama's shape)
+    embed_proj: bool = True
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    max_seq_len: int | None = None  # the model's context (RoPE table); None = data.seq_len
     vocab_size: int | None = None  # None = taken from the tokenizer
     norm: Norm = Norm.layernorm
     norm_eps: float = 1e-5
@@ -102,6 +106,19 @@ class ModelConfig:
         )
         _check((D // H) % 2 == 0, "model.n_heads", f"head_dim={D // H} must be even for RoPE")
         _check(self.n_embed is None or self.n_embed > 0, "model.n_embed", "must be positive or null")
+        _check(
+            self.embed_proj or self.n_embed in (None, D),
+            "model.embed_proj",
+            f"false needs n_embed null or = d_model ({D}): without W_e the embedding feeds the blocks directly",
+        )
+        G = self.n_kv_heads or H
+        _check(
+            G > 0 and H % G == 0,
+            "model.n_kv_heads",
+            f"must divide n_heads={H} (each key/value head serves n_heads/n_kv_heads query heads); "
+            f"allowed: {[g for g in range(1, H + 1) if H % g == 0]}",
+        )
+        _check(self.max_seq_len is None or self.max_seq_len > 0, "model.max_seq_len", "must be positive or null")
         _check(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive or null")
         if self.tie_embeddings:
             _check(
@@ -667,6 +684,12 @@ class Config:
     def __post_init__(self) -> None:
         """Rules spanning groups (each group's own rules ran in its __post_init__)."""
         _check(bool(self.data.sources), "data.sources", "no source; expected at least one (see conf/data/*.yaml)")
+        _check(
+            self.model.max_seq_len is None or self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} is longer than the model's context model.max_seq_len={self.model.max_seq_len}; "
+            "train on windows of at most that length (or raise model.max_seq_len)",
+        )
         # a group's range checks let inf through where only a lower bound matters (weight_decay=inf, init_std=inf)
         # and some let nan through; no setting means anything useful when it is not finite
         for key, value in _floats(self, ""):

@@ -118,10 +118,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
         super().__init__()
         D, H = cfg.d_model, cfg.n_heads
-        self.n_heads, self.head_dim, self.attn_dropout = H, D // H, cfg.attn_dropout
+        G, K = cfg.n_kv_heads or H, D // H  # G key/value heads, each shared by H / G query heads (GQA)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.attn_dropout = H, G, K, cfg.attn_dropout
         self.wq = nn.Linear(D, D, bias=cfg.bias)
-        self.wk = nn.Linear(D, D, bias=cfg.bias)
-        self.wv = nn.Linear(D, D, bias=cfg.bias)
+        self.wk = nn.Linear(D, G * K, bias=cfg.bias)
+        self.wv = nn.Linear(D, G * K, bias=cfg.bias)
         self.wo = nn.Linear(D, D, bias=cfg.bias)
         mark_residual_out(self.wo)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -130,9 +131,15 @@ class Attention(nn.Module):
         self.resid_dropout = Dropout(cfg.dropout)
 
     def _heads(self, x_BTD: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-        w_HKD = proj.weight.view(self.n_heads, self.head_dim, -1)
+        """[B, T, D] -> [B, T, n, K] for the n heads `proj` has (n_heads for q, n_kv_heads for k and v)."""
+        w_HKD = proj.weight.view(-1, self.head_dim, proj.weight.shape[1])
         y_BTHK = torch.einsum("btd,hkd->bthk", x_BTD, w_HKD)
-        return y_BTHK if proj.bias is None else y_BTHK + proj.bias.view(self.n_heads, self.head_dim)
+        return y_BTHK if proj.bias is None else y_BTHK + proj.bias.view(-1, self.head_dim)
+
+    @property
+    def _gqa(self) -> dict:
+        """SDPA's grouped-query switch (repeats each key/value head for its query heads inside the kernel)."""
+        return {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         q_BTHK, k_BTHK, v_BTHK = (self._heads(x_BTD, p) for p in (self.wq, self.wk, self.wv))
@@ -146,6 +153,7 @@ class Attention(nn.Module):
                 v_BTHK.transpose(1, 2),
                 dropout_p=self.attn_dropout if self.training else 0.0,
                 is_causal=True,
+                **self._gqa,
             )
         else:
             o_BHTK = self._attend_in_context(q_BTHK, k_BTHK, v_BTHK, ctx)
@@ -173,6 +181,7 @@ class Attention(nn.Module):
             v_BHTK,
             attn_mask=ctx.allowed_B1TT,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            **self._gqa,
         )
 
 
@@ -229,7 +238,8 @@ class Transformer(nn.Module):
         self.cfg, self.vocab_size, self.max_seq_len = cfg, vocab_size, max_seq_len
         D, C = cfg.d_model, cfg.n_embed or cfg.d_model
         self.tok_emb = nn.Embedding(vocab_size, C)
-        self.W_e = nn.Linear(C, D, bias=cfg.bias)
+        # embed_proj=false (Llama's shape): no projection, the embedding (C = D) feeds the blocks directly
+        self.W_e = nn.Linear(C, D, bias=cfg.bias) if cfg.embed_proj else nn.Identity()
         self.emb_dropout = Dropout(cfg.dropout)
         # One RoPE table shared by all layers (a buffer, so it follows .to(device)).
         self.rope = RotaryEmbedding(D // cfg.n_heads, max_seq_len, cfg.rope_theta)
@@ -411,8 +421,8 @@ class Transformer(nn.Module):
         if torch.is_autocast_enabled(idx_BT.device.type):
             dtype = torch.get_autocast_dtype(idx_BT.device.type)
         if use_cache and steps > 0:  # the last new token is never fed back: T + steps - 1 slots
-            H, K = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-            cache = KVCache(len(self.blocks), pad_B, H, T + steps - 1, K, dtype)
+            G, K = self.cfg.n_kv_heads or self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+            cache = KVCache(len(self.blocks), pad_B, G, T + steps - 1, K, dtype)
         done_B = budget_B <= 0
         seq_BT, input_BT, new = idx_BT, idx_BT, []
         with self._dropless():

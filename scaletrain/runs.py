@@ -76,7 +76,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         raise RunFolderError(f"{tok_path} not found: the run folder lacks its tokenizer (written at the run's start)")
     tokenizer = Tokenizer.load(tok_path)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    model = Transformer(cfg.model, vocab, cfg.data.seq_len, cfg.moe)
+    model = Transformer(cfg.model, vocab, cfg.model.max_seq_len or cfg.data.seq_len, cfg.moe)
     weights = Path(checkpoint) if checkpoint else run_dir / records.MODEL_FILE
     if checkpoint is None and not weights.is_file():
         found = records.list_checkpoints(run_dir / records.CKPT_DIR)

@@ -87,7 +87,7 @@ def build_model(cfg: Config, tokenizer_vocab: int) -> Transformer:
     vocab = cfg.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
-    return Transformer(cfg.model, vocab, cfg.data.seq_len, cfg.moe)
+    return Transformer(cfg.model, vocab, cfg.model.max_seq_len or cfg.data.seq_len, cfg.moe)
 
 
 def build_loader(

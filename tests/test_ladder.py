@@ -12,14 +12,15 @@ from scaletrain.model import Transformer
 
 from .conftest import compose_cfg
 
-# parameters of each preset, embeddings included (tied ones once); sources: Llama 2 (Touvron et al. 2023, 7B),
-# TinyLlama 1.1B's config, GPT-2 small/medium with the vocabulary padded to 50304
+# parameters of each preset, embeddings included (tied ones once). llama_7b and dense_1b are Llama 2 7B's and
+# TinyLlama 1.1B's published counts; the GPT-2 small/medium shapes count as scaletrain builds them (RoPE, no
+# biases, a W_e projection, the vocabulary padded to 50304)
 LADDER = {
     "tiny": None,
     "small_5m": None,
     "baseline_10m": None,
-    "dense_124m": 124_475_904,
-    "dense_350m": 354_871_296,
+    "dense_124m": 124_177_152,
+    "dense_350m": 354_599_936,
     "dense_1b": 1_100_048_384,
     "llama_7b": 6_738_415_616,
     "moe_8x": None,
@@ -106,3 +107,28 @@ def test_the_model_owns_its_context_and_data_windows_may_not_exceed_it():
         load_config(compose_cfg(["model=tiny", "model.n_kv_heads=3", "~local"]))
     cfg = load_config(compose_cfg(["model=tiny", "model.max_seq_len=512", "data.seq_len=128", "~local"]))
     assert cfg.model.max_seq_len == 512 and cfg.data.seq_len == 128
+
+
+def test_a_llama_shaped_tiny_model_trains_and_resumes_exactly(tmp_path, tinystories_dir, data_cache):
+    """GQA, no W_e, RMSNorm, SwiGLU and its own context through the trainer: a run resumed from its step-4
+    checkpoint in another folder trains steps 5..8 exactly as the uninterrupted run did."""
+    from scaletrain.trainer import train
+
+    from .conftest import tiny_overrides, train_losses
+
+    shape = {
+        "model.n_kv_heads": 1,
+        "model.embed_proj": "false",
+        "model.norm": "rmsnorm",
+        "model.activation": "swiglu",
+        "model.max_seq_len": 128,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.ckpt_every": 4,
+        "train.max_steps": 8,
+    }
+    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **shape)), tmp_path / "a")
+    step4 = tmp_path / "a" / "checkpoints" / "step_0000004.pt"
+    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **shape, **{"train.resume": step4})), tmp_path / "b")
+    first, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert len(first) == 8 and resumed == {step: first[step] for step in (5, 6, 7, 8)}

@@ -25,6 +25,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reliability-rows", metavar="JSON", help="write the collected fault rows to this file")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The table covers every case: generating or listing it ignores the default `-m 'not slow'`."""
+    if config.getoption("--reliability-table") or config.getoption("--reliability-rows"):
+        config.option.markexpr = ""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _rows.clear()
     for item in items:
