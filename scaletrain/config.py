@@ -567,12 +567,25 @@ class TrainConfig:
     matmul_peak_tflops: float | None = None  # override the peak used for MFU
     measure_cpu_peak: bool = True  # on CPU, time a matmul at start-up to get a peak for MFU
     cpu_malloc_cache: bool = True  # on CPU, glibc malloc keeps freed memory (see hardware.configure_cpu_malloc)
+    # size the run instead of training it (scaletrain/sizing.py, docs/sizing.md): parameters, FLOPs, per-GPU
+    # memory on dry_run_gpus GPUs of dry_run_gpu_mem_gb each; no weights are allocated, no data is read
+    dry_run: bool = False
+    dry_run_gpus: int = 8
+    dry_run_gpu_mem_gb: float = 80.0
     # a step whose loss or gradient norm is NaN/Inf is skipped (no optimizer or schedule step); after this many
     # in a row the run stops as failed. 0 = no guard (and no per-step host sync for it)
     max_nonfinite: int = 5
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "eval_answer_tokens"):
+        for key in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "eval_batches",
+            "eval_answer_tokens",
+            "dry_run_gpus",
+        ):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be positive, got {getattr(self, key)}")
         for key in (
             "eval_every",

@@ -169,6 +169,11 @@ def main(dcfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if cfg.train.dry_run:  # size the run on the meta device: no device, no data, no weights
+        from scaletrain.sizing import dry_run
+
+        dry_run(cfg, run_dir)
+        return None
     try:
         check_job(cfg, run_dir)
         summary = train(cfg, run_dir, run_name=run_name(cfg, list(hc.overrides.task), _swept_keys(hc), run_dir))

@@ -102,7 +102,7 @@ class BatchLoader:
 class MixtureLoader:
     """Sequences from several token streams, each row's source drawn by weight. Batch b's sources come from
     `default_rng([seed, MIX, b])` over the GLOBAL batch (every rank draws the same assignment and takes its
-    rows), and each source's windows from its own `BatchLoader` (seeded [seed, i] for source i, sharded by rank),
+    rows), and each source's windows from its own `BatchLoader` (seed * 1,000,003 + i for source i, sharded by rank),
     so the data order is deterministic, rank-sharded and resumable like `BatchLoader`'s: the state is the batch
     counter and each source's position. Over n rows a source's share is Binomial(n, w) / n: it converges to
     its weight, with standard deviation sqrt(w (1 - w) / n)."""
