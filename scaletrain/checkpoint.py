@@ -51,6 +51,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used; the message names the file and why."""
 
 
+class ResumeNotFound(FileNotFoundError):
+    """`train.resume` names no checkpoint; the message says what the key accepts."""
+
+
 class CheckpointIncompatible(ValueError):
     """A sound checkpoint that this run's config cannot continue (the message lists each key, both values)."""
 
@@ -432,7 +436,7 @@ def saved_config(path: Path) -> dict[str, Any] | None:
 
 
 def check_resumable(resume: str, run_dir: Path, now: dict[str, Any]) -> None:
-    """`train.resume` before any data or model work: it must name checkpoints (FileNotFoundError naming the key
+    """`train.resume` before any data or model work: it must name checkpoints (ResumeNotFound naming the key
     and what it accepts), and the newest must be readable and hold a config `now` can continue
     (CheckpointIncompatible), as the trainer would find after minutes of setup. A damaged newest checkpoint
     with older ones beside it passes: the trainer skips it with a warning and continues from an older one."""
@@ -474,7 +478,7 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
         ckpts = list_checkpoints(folder)
         if ckpts:
             return ckpts[::-1]
-    raise FileNotFoundError(
+    raise ResumeNotFound(
         f"train.resume={resume!r}: no checkpoint found; expected a step_*.pt file, a sharded step_* folder, "
         f"a run directory with {CKPT_DIR}/step_*, or 'auto' / 'none'"
     )

@@ -5,7 +5,7 @@
 mistyped key or option fails at once with the nearest valid name, `+key=value` cannot add a key the schema
 lacks, and `--cfg job` validates what it prints; a command that will run also has its output folder checked
 (writable) and, for a single run, `train.resume=PATH` (a checkpoint this config can continue). Then Hydra runs
-`main()` per job: compose -> `load_config` (typed `Config`) -> `check_job` (device, ranks, resume, W&B login:
+`main()` per job: compose -> `load_config` (typed `Config`) -> `check_job` (device, ranks, W&B login:
 what needs the job's machine or run dir, before minutes of data and model setup) -> `trainer.train` in Hydra's
 run (or sweep job) directory.
 
@@ -85,7 +85,7 @@ def _bad_input_kind(err: BaseException) -> str | None:
     if isinstance(err, ConfigError):
         return "config"
     # the other kinds live in modules that import torch: imported only on this error path
-    from scaletrain.checkpoint import CheckpointError, CheckpointIncompatible, NoSpaceError
+    from scaletrain.checkpoint import CheckpointError, CheckpointIncompatible, NoSpaceError, ResumeNotFound
     from scaletrain.data import DataError
     from scaletrain.hardware import DeviceUnavailable
     from scaletrain.metrics import WandbUnavailable
@@ -95,6 +95,7 @@ def _bad_input_kind(err: BaseException) -> str | None:
         return "run folder"
     kinds: dict[type[Exception], str] = {
         DataError: "data",
+        ResumeNotFound: "config",
         NoSpaceError: "disk",
         NonFiniteError: "training",
         CheckpointError: "checkpoint",
@@ -127,21 +128,10 @@ def _swept_keys(hc) -> list[str]:
     return list(dict.fromkeys([*from_recipe, *from_cli]))
 
 
-def check_resume(cfg: Config, run_dir: Path) -> None:
-    """`train.resume` names checkpoints this config can continue (`checkpoint.check_resumable`); a missing path
-    is a ConfigError naming the key and what it accepts."""
-    from scaletrain import checkpoint as ckpt
-
-    try:
-        ckpt.check_resumable(cfg.train.resume, run_dir, to_dict(cfg))
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from None
-
-
 def check_job(cfg: Config, run_dir: Path) -> None:
     """What a job checks on its own machine before data preparation and model setup (minutes on a large run):
-    the device exists, the ranks share the global batch evenly, `train.resume` holds a checkpoint this config
-    can continue, and an online W&B run can log in."""
+    the device exists, the ranks share the global batch evenly, and an online W&B run can log in. (`train.resume`
+    is checked by `trainer.train` itself, first thing: `checkpoint.check_resumable`.)"""
     from scaletrain import distributed, hardware
     from scaletrain.metrics import check_wandb
 
@@ -152,7 +142,6 @@ def check_job(cfg: Config, run_dir: Path) -> None:
             f"train.batch_size: {cfg.train.batch_size} (global) must be divisible by the {dist.world_size} ranks of "
             f"this job ({dist.launcher}): each rank takes an equal share"
         )
-    check_resume(cfg, run_dir)
     if dist.is_main:  # only rank 0 logs to W&B
         check_wandb(cfg.logging.wandb)
 
@@ -287,7 +276,9 @@ def preflight(overrides: list[str], multirun: bool, will_run: bool = True) -> No
             if will_run:
                 _check_output_dir(jobs[0], overrides, multirun, configs[0])
                 if not multirun and configs[0].train.resume not in RESUME_KEYWORDS:
-                    check_resume(configs[0], Path.cwd())  # a PATH: the run dir plays no part
+                    from scaletrain.checkpoint import check_resumable
+
+                    check_resumable(configs[0].train.resume, Path.cwd(), to_dict(configs[0]))  # a PATH: no run dir
         except (HydraException, OmegaConfBaseException) as err:
             print(f"config error: {_explain(err, overrides)}", file=sys.stderr)
             raise SystemExit(2) from None

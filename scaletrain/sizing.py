@@ -91,13 +91,21 @@ def activation_elements(cfg: Config, model: Transformer) -> dict[str, float]:
     }
 
 
-def activation_bytes_per_token(cfg: Config, model: Transformer, act_bytes: int, mask_bytes: int = 1) -> float:
-    """Bytes kept for backward per token without checkpointing: activations at `act_bytes` (2 under bf16
-    autocast, 4 in fp32), the fp32 parts, dropout masks at `mask_bytes` (1: CUDA's bool masks; scaletrain's CPU
-    dropout keeps a scaled fp32 mask, 4)."""
+def layer_and_outside_bytes(
+    cfg: Config, model: Transformer, act_bytes: int, mask_bytes: int = 1
+) -> tuple[float, float]:
+    """Bytes kept for backward per token without checkpointing, (per block, outside the blocks): activations at
+    `act_bytes` (2 under bf16 autocast, 4 in fp32), the fp32 parts, dropout masks at `mask_bytes` (1: CUDA's
+    bool masks; scaletrain's CPU dropout keeps a scaled fp32 mask, 4)."""
     el = activation_elements(cfg, model)
     layer = act_bytes * el["layer"] + 4 * el["layer_fp32"] + mask_bytes * el["layer_mask"]
-    return cfg.model.n_layers * layer + 4 * el["outside_fp32"] + mask_bytes * el["outside_mask"]
+    return layer, 4 * el["outside_fp32"] + mask_bytes * el["outside_mask"]
+
+
+def activation_bytes_per_token(cfg: Config, model: Transformer, act_bytes: int, mask_bytes: int = 1) -> float:
+    """All blocks and the rest: what a token costs without checkpointing."""
+    layer, outside = layer_and_outside_bytes(cfg, model, act_bytes, mask_bytes)
+    return cfg.model.n_layers * layer + outside
 
 
 def _mlp_hidden(activation: Activation, F: int) -> int:
@@ -164,13 +172,10 @@ def size(cfg: Config, gpus: int, gpu_mem_gb: float, micro_batch: int | None = No
     unit = max(unit, model.W_ue.weight.numel())  # the unsharded output projection is gathered whole too
     allgather = 2 * unit * (2 if a == 2 else 4) if fsdp else 0  # the unit being used and the next (prefetch)
     L = cfg.model.n_layers
-    none = activation_bytes_per_token(cfg, model, a)
-    el = activation_elements(cfg, model)
-    outside = 4 * el["outside_fp32"] + el["outside_mask"]
-    one_layer = (none - outside) / L
+    one_layer, outside = layer_and_outside_bytes(cfg, model, a)
     sel = selective_bytes(cfg, model, a)
     per_token = {
-        "none": none,
+        "none": L * one_layer + outside,
         # kept: what the policy saves in every block; recomputed: the rest of one block during its backward
         "selective": L * sel + max(0.0, one_layer - sel) + outside,
         # kept: each block's input (fp32 residual stream); recomputed: one block's full set during its backward

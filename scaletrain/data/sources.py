@@ -91,7 +91,7 @@ def _select_text(
     return ds.rename_column(column, "text") if column != "text" else ds
 
 
-def _hub_split(src: SourceConfig, split: str, key: str, timeout_s: float) -> datasets.Dataset:
+def _hub_split(src: SourceConfig, split: str, timeout_s: float) -> datasets.Dataset:
     _check_hub_reachable(timeout_s)
     name = src.train_split if split == "train" else src.val_split
     assert src.hub_id is not None  # SourceConfig.check: path or hub_id
@@ -241,7 +241,7 @@ def text_corpus(name: str, src: SourceConfig, cache_root: Path, timeout_s: float
     key = f"data.sources.{name}"
     if src.path is None:
         assert src.hub_id is not None
-        raw = {split: _hub_split(src, split, key, timeout_s) for split in SPLIT_FILES}
+        raw = {split: _hub_split(src, split, timeout_s) for split in SPLIT_FILES}
         loaded = {
             split: _select_text(ds, src.text_column, f"{src.hub_id}[{split}]", key, src.template)
             for split, ds in raw.items()
@@ -286,7 +286,7 @@ def gsm8k_fields(record: Any, where: str, strip_calculator: bool) -> dict[str, s
 def _gsm8k_records(src: SourceConfig, split: str, key: str, timeout_s: float) -> tuple[list[Any], str, str]:
     """(records, fingerprint of their source, where) of one split, from the hub or a local .jsonl file."""
     if src.path is None:
-        ds = _hub_split(src, split, key, timeout_s)
+        ds = _hub_split(src, split, timeout_s)
         return list(ds), ds._fingerprint, f"{src.hub_id}[{split}]"
     path = _local_files(src, key)[split]
     if path.suffix != ".jsonl":
