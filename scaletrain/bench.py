@@ -135,7 +135,7 @@ class Contender:
 
     impl: str
     model: nn.Module
-    fwd: Callable[[torch.Tensor], LMOutput]  # what forward runs through (compiled when train.compile)
+    fwd: Callable[[torch.Tensor], LMOutput]  # what forward runs through (train.compile: per-block compiled)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: BatchLoader | MixtureLoader
@@ -150,7 +150,7 @@ def build_contender(
     """scaletrain's components come from the trainer's own `build`; the naive one is built here."""
     if impl == "scaletrain":
         c = build(cfg, device=device, train_tokens=tokens)
-        return Contender(impl, c.model, c.fwd, c.optimizer, c.scheduler, c.loader, flops_per_token)
+        return Contender(impl, c.model, c.dp_model, c.optimizer, c.scheduler, c.loader, flops_per_token)
     torch.manual_seed(cfg.train.seed)
     T, B, m = cfg.data.seq_len, cfg.train.batch_size, cfg.model
     vocab = m.vocab_size or cfg.data.tokenizer.vocab_size

@@ -7,7 +7,8 @@
   (DCP, as torchtitan): every rank writes its own shards of model and optimizer in parallel, no rank
   ever holds the whole model; `extra.pt` beside them holds the rest. Written into a hidden
   temporary folder and renamed by rank 0 once every rank has finished. DCP reshards on load: a
-  sharded checkpoint resumes on any number of ranks, or in one plain process.
+  sharded checkpoint resumes on any number of ranks, or in one plain process (`extra.pt` holds nothing
+  per rank: the loader's state is a global position). `checkpoint_convert.py` turns one into a full file.
 
 A crash mid-write leaves the previous checkpoint untouched and never a partial one under a checkpoint
 name. `train.ckpt_format` picks the format (auto: sharded under FSDP2 with several ranks, else full).

@@ -93,6 +93,10 @@ class ModelConfig:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # A Hugging Face Llama checkpoint folder (config.json + *.safetensors) whose weights replace the initial ones
+    # (scaletrain/export_hf.py::load_hf_into, checked when the trainer builds, before any data work); null = init_std.
+    # Read at build time only: a finished run loads without it (sample, eval, export).
+    init_from_hf: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("d_model", "n_layers", "n_heads", "d_ff"):
@@ -130,6 +134,7 @@ class ModelConfig:
         _in_range(self.attn_dropout, 0.0, 1.0, "model.attn_dropout")
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _check(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps/init_std", "must be positive")
+        _check(self.init_from_hf is None or bool(self.init_from_hf.strip()), "model.init_from_hf", "empty; use null")
 
 
 # ---------------------------------------------------------------- moe
@@ -516,12 +521,20 @@ class DataConfig:
 class Precision(StrEnum):
     auto = "auto"  # bf16 where it is fast (CUDA; CPUs with AVX512-BF16 or AMX), else fp32 (hardware.resolve_precision)
     fp32 = "fp32"
-    bf16 = "bf16"  # bf16 autocast around forward; parameters and optimizer state stay fp32
+    bf16 = "bf16"  # bf16 autocast around forward (FSDP2: bf16 all-gathers too); weights and optimizer state stay fp32
 
 
 class ParallelMode(StrEnum):
     ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model
-    fsdp = "fsdp"  # FSDP2 fully_shard per block (distributed.py)
+    fsdp = "fsdp"  # FSDP2 fully_shard per block (parallelize.py)
+
+
+class ActivationCheckpointing(StrEnum):
+    """train.ac: what each transformer block keeps for the backward pass (parallelize.py; sizing.py sizes each)."""
+
+    none = "none"  # everything autograd saves
+    selective = "selective"  # matmul and attention outputs; norms, activations, elementwise ops are recomputed
+    full = "full"  # only the block's input; the whole block is recomputed during its backward
 
 
 class CkptFormat(StrEnum):
@@ -544,7 +557,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (not a closed set: cuda:N)
     parallel: ParallelMode = ParallelMode.ddp  # with several ranks
     precision: Precision = Precision.auto  # bf16 = autocast around forward (CUDA and CPU); auto: bf16 where fast
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (fullgraph for dense blocks), not the whole model
+    ac: ActivationCheckpointing = ActivationCheckpointing.none  # activation checkpointing: none | selective | full
     eval_every: int = 200
     eval_batches: int = 20
     ckpt_every: int = 500
@@ -606,6 +620,12 @@ class TrainConfig:
             f"expected auto | cpu | cuda | cuda:N | mps, got {dev!r}" + suggest(dev, ["auto", "cpu", "cuda", "mps"]),
         )
         _check(self.resume.strip() != "", "train.resume", "expected none | auto | PATH, got an empty string")
+        modes = [m.value for m in ActivationCheckpointing]
+        _check(
+            self.ac in modes,  # OmegaConf checks this at compose time; a TrainConfig built in Python is checked here
+            "train.ac",
+            f"expected {' | '.join(modes)}, got {self.ac!r}" + suggest(str(self.ac), modes),
+        )
         _check(
             self.matmul_peak_tflops is None or self.matmul_peak_tflops > 0,
             "train.matmul_peak_tflops",
@@ -682,6 +702,79 @@ class ClusterConfig:
         _check(c.parallel_jobs is None or c.parallel_jobs >= 1, "cluster.parallel_jobs", "must be >= 1 or null (auto)")
 
 
+# ---------------------------------------------------------------- study (python -m scaletrain.study)
+@dataclass
+class StudyArmConfig:
+    """One arm of a study: the overrides that make it, and optionally the key tuned on the study's grid."""
+
+    overrides: list[str] = field(default_factory=list)  # e.g. [optim=muon]
+    tune: str | None = None  # the swept key, e.g. optim.lr or optim.muon.lr; null: not tuned
+    grid: list[float] = field(default_factory=list)  # values of `tune` (widened past a winning edge)
+    inherit: dict[str, str] = field(default_factory=dict)  # key -> arm whose tuned value of that key this arm takes
+
+
+@dataclass
+class StudyConfig:
+    """What `python -m scaletrain.study experiment=<recipe>` runs: each arm tuned on `tune_seed` (never an evaluation
+    seed), then every arm at its tuned values on the paired `seeds`, then the report. Arms see the same tokens
+    (same steps, batch and sequence length) in the same order for a seed; FLOPs and time are accounted."""
+
+    arms: dict[str, StudyArmConfig] = field(default_factory=dict)
+    tune_seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    select: str = "val/loss"  # tuning criterion: the final value of this metric (lower is better, unless accuracy)
+    metrics: list[str] = field(default_factory=list)  # also compared in the report, e.g. 'val/x/exact_match>=0.3'
+    max_widen: int = 2  # grid points added past a winning edge, at most
+    min_grid: int = 4  # a tuned arm's grid has at least this many points ...
+    max_spacing: float = 2.0  # ... at most this ratio apart
+    dir: str = "studies/${experiment}"  # the study folder (resolved against the working directory)
+    expected_minutes: float | None = None  # the recipe's wall-time estimate (measured with scaletrain.bench)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.arms) and len(self.arms) >= 2, "study.arms", "a study needs at least 2 arms")
+        _check(
+            self.tune_seed not in self.seeds,
+            "study.tune_seed",
+            f"{self.tune_seed} is also an evaluation seed "
+            f"(study.seeds={self.seeds}): tuning and evaluation must not share a seed",
+        )
+        _check(
+            len(set(self.seeds)) == len(self.seeds) and len(self.seeds) >= 2,
+            "study.seeds",
+            f"needs at least 2 distinct seeds, got {self.seeds}",
+        )
+        _check(self.max_spacing > 1.0, "study.max_spacing", f"must be > 1, got {self.max_spacing}")
+        for name, arm in self.arms.items():
+            key = f"study.arms.{name}"
+            if arm.tune is None:
+                _check(not arm.grid, f"{key}.grid", "given without study.arms.<arm>.tune (the key it sweeps)")
+            else:
+                grid = sorted(arm.grid)
+                _check(all(v > 0 for v in grid), f"{key}.grid", f"values must be positive, got {arm.grid}")
+                _check(
+                    len(grid) >= self.min_grid,
+                    f"{key}.grid",
+                    f"has {len(grid)} points; a tuned arm needs at least study.min_grid={self.min_grid}",
+                )
+                ratios = [b / a for a, b in zip(grid, grid[1:], strict=False)]
+                _check(
+                    all(r <= self.max_spacing * (1 + 1e-9) for r in ratios),
+                    f"{key}.grid",
+                    f"points more than study.max_spacing={self.max_spacing}x apart: {grid}",
+                )
+            for inherited, source in arm.inherit.items():
+                _check(
+                    source in self.arms and source != name,
+                    f"{key}.inherit.{inherited}",
+                    f"names arm {source!r}; expected another arm of {sorted(self.arms)}",
+                )
+                _check(
+                    self.arms[source].tune == inherited,
+                    f"{key}.inherit.{inherited}",
+                    f"arm {source!r} does not tune {inherited} (it tunes {self.arms[source].tune})",
+                )
+
+
 # ---------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -693,6 +786,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: str | None = None  # name of the experiment recipe, set by conf/experiment/*.yaml
+    study: StudyConfig | None = None  # set by study recipes (python -m scaletrain.study)
 
     def __post_init__(self) -> None:
         """Rules spanning groups (each group's own rules ran in its __post_init__)."""

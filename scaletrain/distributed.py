@@ -1,6 +1,6 @@
-"""Distributed runs: where the ranks come from, the process group, each rank's device, DDP / FSDP2
-applied from outside the model, rank-0 helpers, cluster records, and preemption (signal -> flag ->
-checkpoint -> requeue).
+"""Distributed runs: where the ranks come from, the process group, each rank's device, DDP's `no_sync` and
+the full state of a sharded model, rank-0 helpers, cluster records, and preemption (signal -> flag ->
+checkpoint -> requeue). Wrapping the model (FSDP2 / DDP) is parallelize.py's.
 
 Launchers understood by `detect_env()`, first match wins:
 - torchrun (`TORCHELASTIC_RUN_ID`): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT are already set;
@@ -21,8 +21,8 @@ waiting for the requeued run. Why not submitit's `Checkpointable` (hydra-submiti
 sharded checkpoint needs every rank at a step boundary; and it only resubmits the same arguments,
 which is what a requeue of the same sbatch script does anyway.
 
-Not here: the training loop (trainer.py), checkpoint files (checkpoint.py), launcher settings
-(conf/cluster/*.yaml).
+Not here: the training loop (trainer.py), wrapping and initializing the model (parallelize.py), checkpoint
+files (checkpoint.py), launcher settings (conf/cluster/*.yaml).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -231,33 +231,6 @@ def quiet_non_main(env: DistEnv) -> None:
         logging.getLogger("scaletrain").setLevel(logging.WARNING)
 
 
-def parallelize(model: nn.Module, mode: str, device: torch.device, env: DistEnv) -> nn.Module:
-    """Apply data parallelism from outside the model (torchtitan's parallelize pattern) and return the
-    module to call for training. `ddp`: a DistributedDataParallel wrapper (the given module keeps
-    plain parameters). `fsdp`: FSDP2 `fully_shard` on every block, then on the root, in place
-    (parameters become DTensors sharded on dim 0; build the optimizer afterwards)."""
-    if env.world_size == 1:
-        return model
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # MoE layers may leave an expert without tokens on a rank: its weights get no gradient there
-        unused = any(getattr(m, "n_experts", 0) for m in model.modules())
-        return DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(unused)
-        )
-    if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(device.type, (env.world_size,))
-        for block in cast(nn.ModuleList, model.blocks):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
-    raise ValueError(f"train.parallel: expected ddp | fsdp, got {mode!r}")
-
-
 def grad_sync(dp_model: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
     """Around one micro-batch's forward+backward: DDP all-reduces gradients only on the last micro-batch
     of an optimizer step (`no_sync` on the others, as nanoGPT/torchtitan do). FSDP2 reduce-scatters on
@@ -300,6 +273,16 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
         optim_state_dict=optim_sd,
         options=StateDictOptions(full_state_dict=True),
     )
+
+
+def load_full_model_state(model: nn.Module, model_sd: dict) -> None:
+    """Whole tensors into `model` (its parameters and persistent buffers); under FSDP2 each rank keeps its shard."""
+    if not is_sharded(model):
+        model.load_state_dict(model_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:

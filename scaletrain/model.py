@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -32,11 +33,18 @@ from torch import nn
 
 from scaletrain.config import Activation, ModelConfig, MoEConfig, Norm
 from scaletrain.dropout import Dropout
-from scaletrain.moe import MoE, inactive_params, is_moe_layer, moe_layers, moe_matmul_params
+from scaletrain.moe import Experts, MoE, inactive_params, is_moe_layer, moe_layers, moe_matmul_params
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The seed of parameter `name`'s own generator: a stable hash of (seed, name) (hashlib: the same in every
+    process and run, unlike Python's salted hash()), 63 bits."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def mark_residual_out(linear: nn.Linear) -> None:
-    """A projection that writes into the residual stream: its init is scaled (Transformer._init_weights)."""
+    """A projection that writes into the residual stream: its init is scaled (Transformer._init_rule)."""
     linear.is_residual_out = True  # type: ignore[assignment]  # a plain attribute, not a submodule
 
 
@@ -91,12 +99,26 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq_P = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles_TP = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq_P)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos_TP, sin_TP = self._tables()
         self.cos_TP: torch.Tensor  # buffers (declared for the type checker)
         self.sin_TP: torch.Tensor
-        self.register_buffer("cos_TP", angles_TP.cos().float(), persistent=False)
-        self.register_buffer("sin_TP", angles_TP.sin().float(), persistent=False)
+        self.register_buffer("cos_TP", cos_TP, persistent=False)
+        self.register_buffer("sin_TP", sin_TP, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [max_seq_len, P] in fp32, computed in float64 on the CPU (MPS has no float64)."""
+        K = self.head_dim
+        inv_freq_P = self.theta ** (-torch.arange(0, K, 2, dtype=torch.float64, device="cpu") / K)
+        angles_TP = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64, device="cpu"), inv_freq_P)
+        return angles_TP.cos().float(), angles_TP.sin().float()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Recompute the tables in place (after `to_empty` materialized a meta-device model: garbage until then)."""
+        cos_TP, sin_TP = self._tables()
+        self.cos_TP.copy_(cos_TP)
+        self.sin_TP.copy_(sin_TP)
 
     def forward(self, x_BTHK: torch.Tensor, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
         """positions_BT: each token's position (generation: per row, after padding and cached tokens);
@@ -246,21 +268,66 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.rope, moe_cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg, D)
         self.W_ue = nn.Linear(D, vocab_size, bias=False)
-        self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.W_ue.weight = self.tok_emb.weight
+        if not self.tok_emb.weight.is_meta:  # on the meta device (sizing, parallelize) there is nothing to fill
+            self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, write: Callable[[nn.Parameter, torch.Tensor], None] | None = None):
+        """Every parameter and buffer to its initial value, in place (the rules: `_init_rule`).
+
+        seed None: normal draws come from the global generator, in parameter order (what the constructor does,
+        so `torch.manual_seed(s); Transformer(...)` is reproducible). seed given (parallelize.py, after
+        materializing): each parameter draws its full tensor from its own generator, seeded by (seed, its name)
+        (`param_seed`), so its value depends neither on the other parameters nor on how the model is wrapped or
+        sharded: one process, DDP and FSDP2 on any number of ranks start from the same weights (tested bit-exact).
+        `write(param, value)` puts a full-size value into a parameter (default: copy_); parallelize.py passes one
+        that keeps a sharded parameter's own shard. Tied weights are initialized once, under their first name.
+        """
+        seen: set[int] = set()
+        for path, module in self.named_modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{path}.{pname}" if path else pname
+                kind, x = self._init_rule(name, module, pname)
+                # param.shape is the full shape, also of a sharded parameter (a DTensor)
+                value = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+                if kind == "normal":
+                    gen = None if seed is None else torch.Generator(param.device).manual_seed(param_seed(seed, name))
+                    value.normal_(0.0, x, generator=gen)
+                else:
+                    value.fill_(x)  # 0 (biases) or 1 (norm gains): no draw
+                if write is None:
+                    param.copy_(value)
+                else:
+                    write(param, value)
+        self.rope.reset_tables()
+        for layer in moe_layers(self):
+            layer.reset_buffers()
+
+    def _init_rule(self, name: str, module: nn.Module, pname: str) -> tuple[str, float]:
+        """How parameter `pname` of `module` starts: ("normal", std) for N(0, std), or ("fill", 0 or 1).
+        GPT-2's init: N(0, init_std), projections that write into the residual stream (and MoE experts' output
+        projections) / sqrt(2 * n_layers); biases 0, norm gains 1. A parameter no rule covers is an error: after
+        `to_empty` it would otherwise train from uninitialized memory."""
         std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if pname == "bias" or pname.startswith("b_"):  # nn.Linear / LayerNorm biases; Experts' stacked b_*
+            return "fill", 0.0
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            return "fill", 1.0
         if isinstance(module, nn.Linear):
-            # GPT-2: projections that write into the residual stream are scaled by 1/sqrt(2 * n_layers).
-            if getattr(module, "is_residual_out", False):
-                std = std / math.sqrt(2 * self.cfg.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            return "normal", residual_std if getattr(module, "is_residual_out", False) else std
+        if isinstance(module, nn.Embedding):
+            return "normal", std
+        if isinstance(module, Experts):
+            return "normal", residual_std if pname == "w_out_EFD" else std
+        if isinstance(module, MoE) and pname == "w_router_ED":
+            return "normal", std
+        raise ValueError(f"no init rule for parameter {name} ({type(module).__name__}): add one in _init_rule")
 
     def forward(
         self,

@@ -268,6 +268,12 @@ class MoE(nn.Module):
             if experts is not None:
                 experts.reset_parameters(std, out_std)
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Selection bias and load accumulator to 0 (after `to_empty` materialized a meta-device model)."""
+        self.expert_bias_E.zero_()
+        self.load_acc_E.zero_()
+
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         (N, D), R = x_ND.shape, self.top_k

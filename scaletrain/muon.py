@@ -133,6 +133,22 @@ def format_param_split(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+def newton_schulz_flops(model: nn.Module, ns_steps: int) -> float:
+    """FLOPs of one optimizer step's Newton-Schulz orthogonalizations (every Muon matrix, each expert's own):
+    per iteration on the wide orientation (m <= n), A = X X^T costs 2 m^2 n, A^2 2 m^3 and B X 2 m^2 n, so
+    ns_steps * (4 m^2 n + 2 m^3) per matrix; the normalization and the momentum update are O(mn) and left out.
+    Counted the same under DDP/FSDP2 (the work is dealt out across ranks, not repeated)."""
+    total = 0.0
+    for r in param_roles(model):
+        if ROLE_GROUP[r.role] not in ("muon", "muon_experts"):
+            continue
+        *lead, rows, cols = r.param.shape
+        m, n = min(rows, cols), max(rows, cols)
+        copies = math.prod(lead) if lead else 1
+        total += copies * ns_steps * (4.0 * m * m * n + 2.0 * m**3)
+    return total
+
+
 def newton_schulz(
     G: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
 ) -> Tensor:

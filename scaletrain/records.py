@@ -63,6 +63,7 @@ TRAIN_TOKENS = "train/tokens"  # tokens seen so far (all ranks)
 VAL_LOSS = "val/loss"
 VAL_BPB = "val/bpb"
 PERF_TOKENS_PER_S = "perf/tokens_per_s"
+PERF_STEP_S = "perf/step_s"  # mean seconds per optimizer step since the previous train record
 PERF_MFU = "perf/mfu"
 MOE_LOAD_MAX_OVER_MEAN = "moe/load_max_over_mean"  # max over MoE layers; 1 = balanced
 SAMPLES = "samples"
@@ -221,6 +222,9 @@ class Summary:
     wandb_id: str | None
     # every final validation metric as metrics.jsonl names it: val/loss, val/<source>/exact_match, ...
     val: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    # Newton-Schulz FLOPs of Muon over the run (0 for AdamW; model FLOPs are `flops`); None: written before it was
+    optimizer_flops: float | None = None
+    cpu_s: float | None = None  # CPU seconds of the (rank-0) training process, all threads, over every attempt
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.config import GPT2_VOCAB_SIZE, Activation, Config, Norm, ParallelMode, Precision, TokenizerKind
+from scaletrain.config import (
+    GPT2_VOCAB_SIZE,
+    Activation,
+    ActivationCheckpointing,
+    Config,
+    Norm,
+    ParallelMode,
+    Precision,
+    TokenizerKind,
+)
 from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers
 from scaletrain.muon import param_roles
@@ -26,7 +35,7 @@ SIZING_FILE = "sizing.json"
 
 GB = 1e9
 USABLE = 0.9  # of a GPU's memory: the CUDA context, the allocator's fragmentation and NCCL buffers take the rest
-AC_MODES = ("none", "selective", "full")
+AC_MODES = tuple(m.value for m in ActivationCheckpointing)  # none, selective, full: train.ac (parallelize.py)
 
 
 def meta_model(cfg: Config) -> Transformer:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scaletrain import checkpoint as ckpt
-from scaletrain import distributed, hardware, records
+from scaletrain import distributed, export_hf, hardware, records
 from scaletrain.config import CkptFormat, Config, ConfigError, Precision, load_config, to_dict
 from scaletrain.data import (
     BatchLoader,
@@ -57,8 +57,9 @@ from scaletrain.data import (
 from scaletrain.metrics import MetricsLogger, truncate_metrics, write_run_record
 from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers, moe_metrics, update_moe_biases
-from scaletrain.muon import format_param_split
+from scaletrain.muon import format_param_split, newton_schulz_flops
 from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.parallelize import parallelize
 from scaletrain.records import RunState, Summary, write_status
 
 log = logging.getLogger("scaletrain")
@@ -84,10 +85,26 @@ def make_autocast(precision: Precision, device: torch.device) -> Callable[[], co
 
 
 def build_model(cfg: Config, tokenizer_vocab: int) -> Transformer:
+    """The configured model on the meta device (shapes only): `parallelize` materializes and initializes it."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
-    return Transformer(cfg.model, vocab, cfg.model.max_seq_len or cfg.data.seq_len, cfg.moe)
+    with torch.device("meta"):
+        return Transformer(cfg.model, vocab, cfg.model.max_seq_len or cfg.data.seq_len, cfg.moe)
+
+
+def load_init_from_hf(model: Transformer, folder: str) -> None:
+    """model.init_from_hf, after `parallelize` materialized the model: the checkpoint's weights replace the initial
+    ones. Under FSDP2 it loads into a whole copy on the CPU first (as every rank did before sharding existed
+    here), and each rank keeps its shard of it."""
+    if not distributed.is_sharded(model):
+        export_hf.load_hf_into(model, folder)
+        return
+    with torch.device("meta"):
+        whole = Transformer(model.cfg, model.vocab_size, model.max_seq_len)  # Llama-shaped: no MoE
+    whole.to_empty(device="cpu")  # every weight is then overwritten by the checkpoint (a strict load)
+    export_hf.load_hf_into(whole, folder)
+    distributed.load_full_model_state(model, whole.state_dict())
 
 
 def build_loader(
@@ -113,8 +130,7 @@ class Components:
     device: torch.device
     data: PreparedData | None  # None when built on given tokens (benchmark)
     model: Transformer  # the module itself: parameters, state dicts, MoE statistics (FSDP2 shards it in place)
-    dp_model: nn.Module  # what data parallelism wraps: DDP(model), or model itself (FSDP2, one process)
-    fwd: Callable[..., Any]  # what a training forward runs through: torch.compile(dp_model) or dp_model
+    dp_model: nn.Module  # what a training forward calls: DDP(model), or model itself (FSDP2, one process)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR  # lambdas from the config, so a resumed run follows its own
     loader: BatchLoader | MixtureLoader
@@ -128,14 +144,16 @@ def build(
     device: torch.device | None = None,
     train_tokens: np.ndarray | None = None,
 ) -> Components:
-    """Config -> components, in the order that parallelism needs: seed, data, model on the device, data
-    parallelism (DDP wraps; FSDP2 shards in place, so the optimizer comes after, on the sharded parameters),
-    optimizer, schedule, loader. `train_tokens` (benchmark): train on these instead of the configured data,
-    with vocabulary model.vocab_size or data.tokenizer.vocab_size."""
+    """Config -> components, in the order that parallelism needs: seed, data, model on the meta device,
+    `parallelize` (activation checkpointing, per-block compile, FSDP2 or DDP, then weights materialized on the
+    device and initialized from train.seed, identically for any number of ranks), optimizer (after FSDP2
+    sharded the parameters), schedule, loader. `train_tokens` (benchmark): train on these instead of the
+    configured data, with vocabulary model.vocab_size or data.tokenizer.vocab_size."""
     cfg = load_config(cfg)
     dist = dist or distributed.DistEnv(0, 1, 0, 1, "none")
     device = device or hardware.pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
+    export_hf.check_init_from_hf(cfg.model, cfg.moe)  # model.init_from_hf: a wrong folder fails before data work
     data = prepare_data(cfg.data) if train_tokens is None else None
     if data is not None:
         streams = [s.train.tokens for s in data.sources.values()]
@@ -143,14 +161,14 @@ def build(
     else:
         assert train_tokens is not None
         streams, weights = [train_tokens], [1.0]
-    model = build_model(cfg, data.tokenizer.vocab_size if data is not None else cfg.data.tokenizer.vocab_size)
-    model = model.to(device)
-    dp_model = distributed.parallelize(model, cfg.train.parallel, device, dist)
-    optimizer = build_optimizer(model, cfg.optim, device.type)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    fwd = torch.compile(dp_model) if cfg.train.compile else dp_model
     precision, why = hardware.resolve_precision(cfg.train.precision, device)
     log.info("precision %s (%s)", precision, why)
+    model = build_model(cfg, data.tokenizer.vocab_size if data is not None else cfg.data.tokenizer.vocab_size)
+    dp_model = parallelize(model, cfg.train, device, dist, precision)
+    if cfg.model.init_from_hf:  # the weights of a Hugging Face Llama checkpoint (shape checked against the config)
+        load_init_from_hf(model, cfg.model.init_from_hf)
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     return Components(
         cfg,
         dist,
@@ -158,7 +176,6 @@ def build(
         data,
         model,
         dp_model,
-        fwd,
         optimizer,
         scheduler,
         build_loader(streams, weights, cfg, dist, device),
@@ -299,7 +316,7 @@ class Trainer:
 
     def __init__(self, cfg: Config | DictConfig, run_dir: Path, run_name: str = "run"):
         cfg = load_config(cfg)
-        self.t_start = time.perf_counter()
+        self.t_start, self.cpu_start = time.perf_counter(), time.process_time()
         self.cfg, self.tc, self.run_name = cfg, cfg.train, run_name
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.dist = distributed.detect_env()  # before pick_device: a submitit_local job may re-expose its GPUs
@@ -331,6 +348,7 @@ class Trainer:
         if cfg.optim.name == "muon":  # the audit trail of which optimizer updates which parameter
             log.info(format_param_split(self.model))
         self.step, self.tokens_seen, self.elapsed_before, wandb_id = 0, 0, 0.0, None
+        self.cpu_before = 0.0
         self.skipped_steps, self.nonfinite_in_a_row = 0, 0  # NaN/Inf guard (train.max_nonfinite)
         # A cluster job's run directory belongs to one sweep point: a checkpoint there comes from an
         # earlier attempt of this job (preempted and requeued), so continue from it
@@ -380,6 +398,8 @@ class Trainer:
                 cfg.moe.n_shared,
             )
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        muon_cfg = getattr(cfg.optim, "muon", None)  # optim=muon: the Newton-Schulz FLOPs of each step
+        self.optimizer_flops_per_step = newton_schulz_flops(self.model, muon_cfg.ns_steps) if muon_cfg else 0.0
         self.preempt = distributed.Preemption(self.device)  # handlers are installed around fit() by train()
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len * self.tc.grad_accum
 
@@ -417,13 +437,12 @@ class Trainer:
         sharded = ckpt.is_sharded_checkpoint(path)
         state = ckpt.load_checkpoint(path)  # verified (a sharded folder: every file), the config inside
         self.check_resume_config(path, state.get("config"))
-        try:  # first: the data order must continue (same ranks, seed, windows), or nothing is loaded
+        # first: the data order must continue (same seed and windows), or nothing is loaded. Its state is a
+        # global position, so any number of ranks continues it (the global batch is checked with the config)
+        try:
             self.loader.load_state_dict(state["loader"])
         except ValueError as err:
-            raise ckpt.CheckpointIncompatible(
-                f"cannot resume from {path}: {err} (resume with the ranks it was saved with; a sharded "
-                "checkpoint's weights still load on any number of ranks, e.g. for evaluation)"
-            ) from None
+            raise ckpt.CheckpointIncompatible(f"cannot resume from {path}: {err}") from None
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if sharded:  # each rank reads the shards it holds now (DCP reshards)
             ckpt.load_sharded_state(path, self.model, self.optimizer)
@@ -434,6 +453,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state.get("wallclock_s", 0.0)
+        self.cpu_before = state.get("cpu_s", 0.0)
         self.skipped_steps = state.get("skipped_steps", 0)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
@@ -442,6 +462,9 @@ class Trainer:
 
     def wallclock(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def cpu_time(self) -> float:
+        return self.cpu_before + time.process_time() - self.cpu_start
 
     def save(self) -> None:
         """Checkpoint this step in `train.ckpt_format` (every rank calls this); never from non-finite weights,
@@ -460,6 +483,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "wandb_id": self.logger.wandb_id,
             "wallclock_s": self.wallclock(),
+            "cpu_s": self.cpu_time(),
             "skipped_steps": self.skipped_steps,
             "config": to_dict(self.cfg),
         }
@@ -486,7 +510,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # DDP all-reduces gradients only on the last micro-batch (no_sync before it)
             with distributed.grad_sync(self.c.dp_model, last_micro_batch=micro == accum - 1):
-                lm, aux = forward_backward(self.c.fwd, x, y, self.autocast, 1.0 / accum)
+                lm, aux = forward_backward(self.c.dp_model, x, y, self.autocast, 1.0 / accum)
             lm_sum += lm / accum  # stays on the device: no host sync until a logging step
             aux_sum += aux / accum
         guard = lm_sum if self.tc.max_nonfinite > 0 else None
@@ -530,7 +554,7 @@ class Trainer:
             "train/grad_norm": grad_norm.item(),
             records.TRAIN_TOKENS: self.tokens_seen,
             records.PERF_TOKENS_PER_S: tok_s,
-            "perf/step_s": seconds / steps,
+            records.PERF_STEP_S: seconds / steps,
             "perf/memory_mb": hardware.memory_mb(self.device),
         }
         if self.peak:
@@ -643,6 +667,8 @@ class Trainer:
             run_name=self.run_name,
             wandb_id=self.logger.wandb_id,
             val={k: v for k, v in val.items() if k.startswith("val/")},
+            optimizer_flops=self.optimizer_flops_per_step * self.step,
+            cpu_s=self.cpu_time(),
         )
         if self.dist.is_main:
             records.write_summary(self.run_dir, summary)

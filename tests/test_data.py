@@ -361,13 +361,56 @@ def test_ranks_take_disjoint_windows_that_together_cover_the_epoch():
     assert sorted(per_rank[0] + per_rank[1] + per_rank[2]) == list(range(0, 990, 10))
 
 
-def test_world_size_not_dividing_the_windows_drops_the_remainder_so_ranks_stay_in_step():
-    loaders = [BatchLoader(TOKENS, 7, 10, seed=0, rank=r, world_size=2) for r in range(2)]
-    assert [ld.per_rank for ld in loaders] == [N_WINDOWS // 2] * 2
-    for _ in range(8):  # 56 windows > 49 per rank: both cross into epoch 1 at the same batch
-        for ld in loaders:
-            ld.next_batch()
-    assert [(ld.epoch, ld.pos) for ld in loaders] == [(1, 7), (1, 7)]
+def _global_batches(loaders: list[BatchLoader], n: int) -> list[list[int]]:
+    """The next n global batches read by these ranks' loaders, as window starts in global row order."""
+    world, out = len(loaders), []
+    for _ in range(n):
+        rows = [starts_of(ld.next_batch()[0]) for ld in loaders]  # rank r holds rows r, r + W, ... of the batch
+        out.append([rows[i % world][i // world] for i in range(sum(map(len, rows)))])
+    return out
+
+
+def _ranks(world: int, state: dict | None = None) -> list[BatchLoader]:
+    """`world` ranks' loaders of global batches of 8 windows (seed 7), at `state` if given."""
+    loaders = [BatchLoader(TOKENS, 8 // world, 10, seed=7, rank=r, world_size=world) for r in range(world)]
+    for ld in loaders:
+        if state is not None:
+            ld.load_state_dict(state)
+    return loaders
+
+
+def test_a_global_batch_straddling_an_epoch_boundary_drops_no_window_on_any_rank_count():
+    """99 windows, global batches of 8: the 13th takes the epoch's last 3 windows and epoch 1's first 5, split
+    over the ranks like any other batch (the order is global: no rank count trims an epoch)."""
+    for world in (1, 2, 4):
+        loaders = _ranks(world)
+        seen = [s for batch in _global_batches(loaders, 13) for s in batch]
+        assert sorted(seen[:99]) == list(range(0, 990, 10))
+        assert [(ld.epoch, ld.pos) for ld in loaders] == [(1, 5)] * world
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_ranks_rows_together_are_the_one_rank_global_batch_and_the_state_continues_on_any_rank_count(world):
+    """At the start, mid-epoch and across the epoch boundary (batches 0, 5 and 12 of 99 windows), W ranks read
+    exactly the 1-rank global batches, and a state saved by W ranks continues on 1, 2 or 4 ranks."""
+    whole = _global_batches(_ranks(1), 16)
+    assert _global_batches(_ranks(world), 16) == whole
+    for done in (5, 12):
+        saver = _ranks(world)
+        _global_batches(saver, done)
+        state = saver[0].state_dict()
+        assert all(ld.state_dict() == state for ld in saver)  # every rank holds the same global position
+        for resume_world in (1, 2, 4):
+            resumed = _global_batches(_ranks(resume_world, state), 4)
+            assert resumed == whole[done : done + 4], (world, done, resume_world)
+
+
+def test_a_per_rank_state_of_older_versions_continues_at_its_global_position_on_any_rank_count():
+    """Before global positions each of W ranks saved its own position p in its strided share of the epoch:
+    together they had used the first p * W windows of the epoch's permutation."""
+    legacy = {"epoch": 0, "pos": 20, "seed": 7, "seq_len": 10, "world_size": 2, "n_tokens": 1000}
+    assert _global_batches(_ranks(1, legacy), 2) == _global_batches(_ranks(1), 7)[5:]
+    assert _global_batches(_ranks(4, legacy), 2) == _global_batches(_ranks(1), 7)[5:]
 
 
 def test_restored_state_gives_exactly_the_next_batch_also_across_an_epoch_boundary():
@@ -375,7 +418,7 @@ def test_restored_state_gives_exactly_the_next_batch_also_across_an_epoch_bounda
     for _ in range(12):  # 96 of 99 windows used: the next batch straddles epochs 0 and 1
         loader.next_batch()
     state = loader.state_dict()
-    assert state == {"epoch": 0, "pos": 96, "seed": 7, "seq_len": 10, "world_size": 1, "n_tokens": 1000}
+    assert state == {"epoch": 0, "pos": 96, "seed": 7, "seq_len": 10, "n_tokens": 1000}  # no rank count in it
     expected = [loader.next_batch() for _ in range(3)]
     restored = BatchLoader(TOKENS, batch_size=8, seq_len=10, seed=7)
     restored.load_state_dict(state)

@@ -102,3 +102,43 @@ def test_a_run_without_final_weights_names_its_newest_checkpoint(finished, tmp_p
     assert load_run(unfinished, unfinished / records.CKPT_DIR / src.name).step == 10
     done = _command("scaletrain.eval", str(unfinished), cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("eval error: ") and "--checkpoint" in done.stderr
+
+
+def test_eval_on_the_frozen_synthetic_test_sets_writes_them_once_and_scores_every_problem(
+    finished, tmp_path, tinystories_dir, data_cache
+):
+    from scaletrain.data import synthetic
+    from scaletrain.data.synthetic import FrozenSetError
+    from scaletrain.eval import evaluate_run
+
+    overrides = [
+        "data=mixture",
+        f"data.sources.tinystories.path={tinystories_dir}",  # prepared, but text sources have no test split
+        "data.sources.reasoning.synthetic.kinds=[arithmetic,comparison]",
+        "data.sources.reasoning.synthetic.n_train=200",
+        "data.sources.reasoning.synthetic.n_val=20",
+        "data.seq_len=64",
+        f"data.cache_dir={data_cache}",
+        "train.eval_answer_tokens=8",
+    ]
+    sets = tmp_path / "test_sets"
+    out = evaluate_run(finished, overrides, None, "cpu", "test", sets, 12)
+    assert out["split"] == "test" and out["not_evaluated"] == ["tinystories"]
+    files = sorted(p.name for p in sets.iterdir())
+    assert files == [
+        "arithmetic-allow_negative0-max_operand10-max_value100-steps2.jsonl",
+        "arithmetic-allow_negative0-max_operand10-max_value100-steps2.jsonl.sha256",
+        "comparison-n_entities3.jsonl",
+        "comparison-n_entities3.jsonl.sha256",
+    ]
+    stored = [json.loads(line) for f in sorted(sets.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(stored) == 24 and all(synthetic.split_of(p["question"]) == "test" for p in stored)
+    m = out["metrics"]
+    assert set(m) == {"test/loss", "test/bpb", "test/reasoning/exact_match"}  # one source left: no per-source loss
+    assert m["test/reasoning/exact_match"] in {i / 24 for i in range(25)} and math.isfinite(m["test/loss"])
+    again = evaluate_run(finished, overrides, None, "cpu", "test", sets, 12)  # the sets are read, not rewritten
+    assert again["metrics"] == m
+    first = sorted(sets.glob("comparison*.jsonl"))[0]
+    first.write_text(first.read_text().replace("?", "!", 1))
+    with pytest.raises(FrozenSetError, match="was changed"):
+        evaluate_run(finished, overrides, None, "cpu", "test", sets, 12)

@@ -88,9 +88,9 @@ def test_bf16_autocast_step_gives_bf16_logits_a_finite_loss_and_updates_fp32_mas
 
     with torch.no_grad():
         with c.autocast():
-            assert c.fwd(x).logits.dtype == torch.bfloat16
+            assert c.dp_model(x).logits.dtype == torch.bfloat16
         fp32_loss = F.cross_entropy(c.model(x).logits.flatten(0, 1), y.flatten()).item()  # no autocast: fp32
-    lm, _ = forward_backward(c.fwd, x, y, c.autocast, 1.0)
+    lm, _ = forward_backward(c.dp_model, x, y, c.autocast, 1.0)
     loss = lm.item()
     assert math.isfinite(loss)
     # A fresh model predicts nearly uniformly: loss ~ ln V (+ var(logits)/2, ~0.15 at init std 0.02).
@@ -162,24 +162,23 @@ def test_attention_runs_on_a_flash_or_memory_efficient_kernel_in_bf16_and_matche
 
 def test_compiled_model_matches_eager_in_bf16_forward_and_backward():
     torch._dynamo.reset()
-    cfg = gpu_cfg(
-        "debug=cpu_tiny", "data.seq_len=256", "train.batch_size=8", "train.precision=bf16", "train.compile=true"
-    )
-    c = build(cfg, device=CUDA, train_tokens=synthetic_tokens(cfg))
-    assert c.fwd is not c.model  # build() compiled it
+    args = ("debug=cpu_tiny", "data.seq_len=256", "train.batch_size=8", "train.precision=bf16")
+    cfg = gpu_cfg(*args, "train.compile=true")
+    c = build(cfg, device=CUDA, train_tokens=synthetic_tokens(cfg))  # each block compiled (parallelize.py)
+    e = build(gpu_cfg(*args), device=CUDA, train_tokens=synthetic_tokens(cfg))  # eager, the same initial weights
     x, y = (t.to(CUDA) for t in c.loader.next_batch())
 
-    def fwd_bwd(fn, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        c.model.zero_grad(set_to_none=True)
+    def fwd_bwd(model, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
         with autocast():
-            logits = fn(x).logits
+            logits = model(x).logits
         F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-        grads = {n: p.grad.detach().clone() for n, p in c.model.named_parameters() if p.grad is not None}
-        assert len(grads) == len(list(c.model.parameters()))
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert len(grads) == len(list(model.parameters()))
         return logits.detach().float(), grads
 
-    compiled, eager = fwd_bwd(c.fwd, c.autocast), fwd_bwd(c.model, c.autocast)
-    fp32 = fwd_bwd(c.model, contextlib.nullcontext)
+    compiled, eager = fwd_bwd(c.model, c.autocast), fwd_bwd(e.model, e.autocast)
+    fp32 = fwd_bwd(e.model, contextlib.nullcontext)
     # Floors: compiled and eager run the same bf16 matmuls (autocast decides their dtypes); they differ where
     # inductor keeps a fused chain in fp32 that eager rounds to bf16 between ops (norm inputs after residual
     # adds, activations in matmul epilogues). Each such site moves a value by <= u (RMS ~u/sqrt(3)); ~6 sites

@@ -37,12 +37,16 @@ def test_moe_8x_trains_with_falling_loss_and_balancing_undoes_router_collapse(ti
     assert summary["params_active"] < summary["params_total"]
     # At this width and lr the untrained router starts collapsed: its logits are ~0, so top-2 follows a
     # direction all tokens share and two experts take every slot (max/mean load = 8/2 = 4.0). Without
-    # balancing it stays there; with it, the busiest expert of any layer ends under 2x its fair share.
+    # balancing it stays there; with it, after 40 steps the busiest expert of any layer is closer to balance
+    # than to collapse. Balance reads ~1.15, not 1: each expert's share of a step's 512 tokens x 2 slots is
+    # ~Binomial(512, 1/4) (mean 128, sd 9.8), and the maximum of 3 layers x 8 experts lies ~2 sd above the
+    # mean. Halfway to collapse is (1.15 + 4.0) / 2 ~ 2.6. Measured at step 40 (seeds 1337, 1, 2, 3): 2.16,
+    # 1.40, 2.17, 1.97 (the 2.0 this asserted before parameters were seeded by name held for the old init only).
     _, unbalanced = run_moe(
         tinystories_dir, data_cache, tmp_path / "off", **{"moe.aux_loss_coef": 0.0, "moe.bias_update_rate": 0.0}
     )
     assert len(loads) == len(unbalanced) == 8
-    assert min(unbalanced[-3:]) > 3.5 and loads[-1] < 2.0
+    assert min(unbalanced[-3:]) > 3.5 and loads[-1] < 2.5
     hist = [r for r in read_metrics(tmp_path / "on") if "moe/layer0/tokens_per_expert" in r]
     assert hist and sum(hist[-1]["moe/layer0/tokens_per_expert"]) == 8 * 64 * 2  # every slot of the batch
 

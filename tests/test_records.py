@@ -155,6 +155,8 @@ def test_summary_fields_are_the_documented_summary_json_keys():
         "run_name",
         "wandb_id",
         "val",
+        "optimizer_flops",
+        "cpu_s",
     )
     assert set(rp.SUMMARY_STATS) <= set(Summary.fields())
 
@@ -263,7 +265,7 @@ def test_the_metric_records_a_run_logs_are_the_ones_the_report_reads(tmp_path):
     logger.log(5, {records.VAL_LOSS: 6.0, records.VAL_BPB: 3.0})
     logger.finish()
     (j,) = rp.build_report(tmp_path, now=time.time()).jobs
-    assert j.val_curve == [(5, 2560, 6.0)] and j.last_step == 5
+    assert j.curves[records.VAL_LOSS] == [rp.Point(5, 2560, None, 6.0)] and j.last_step == 5  # no step time logged
     assert j.moe_load == [(5, moe_scalars[records.MOE_LOAD_MAX_OVER_MEAN])]
 
 

@@ -1,4 +1,5 @@
-"""Sweep report: the Student-t maths, arms and their statistics, verdicts, plots, unfinished jobs, the CLI.
+"""Sweep report: the statistics, arms, verdicts, targets, per-seed results and their check, plots, unfinished jobs,
+the CLI.
 
 Synthetic sweeps are written by hand (the files a job writes, through records.py's writers, see
 trainer.py) with known numbers; one slow test runs a real 2x2 multirun through `python -m scaletrain.run -m`
@@ -39,6 +40,7 @@ def write_job(
     moe: list[tuple[int, float]] = (),
     mtime: float = NOW - 3600.0,
     experiment: str | None = None,
+    val_curve: dict[str, list[float]] | None = None,
     **summary_extra,
 ) -> Path:
     """A job directory as Hydra + the trainer leave it; no summary.json when val_loss is None."""
@@ -50,9 +52,12 @@ def write_job(
     (job / "config.json").write_text(json.dumps({"experiment": experiment, "train": {"seed": seed, "max_steps": 10}}))
     tokens_per_step = 512
     lines = [{"step": 0, "params/total": 1000}]
-    for step, loss in curve:
-        lines.append({"step": step, "train/loss": loss + 0.1, "train/tokens": step * tokens_per_step})
-        lines.append({"step": step, "val/loss": loss, "val/bpb": loss / 2})
+    for i, (step, loss) in enumerate(curve):
+        lines.append(
+            {"step": step, "train/loss": loss + 0.1, "train/tokens": step * tokens_per_step, "perf/step_s": 0.5}
+        )
+        extra = {key: values[i] for key, values in (val_curve or {}).items()}
+        lines.append({"step": step, "val/loss": loss, "val/bpb": loss / 2, **extra})
         lines.append({"step": step, "samples": ["Once upon a time"]})
     lines += [{"step": step, "moe/load_max_over_mean": v} for step, v in moe]
     (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -97,6 +102,11 @@ def two_arm_sweep(sweep: Path, losses: dict[str, list[float]]) -> Path:
     return sweep
 
 
+def at_equal_tokens(r, key: str) -> list:
+    """The comparisons of final `key` (the report also compares it at equal FLOPs and equal time)."""
+    return [c for c in r.comparisons if c.metric == rp.Metric(key)]
+
+
 def png_size(path: Path) -> tuple[int, int]:
     """Width and height from the IHDR chunk, which PNG requires to come right after the signature."""
     head = path.read_bytes()[:24]
@@ -106,81 +116,98 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def t_density(x: float, dof: float) -> float:
-    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
-    return math.exp(log_c - (dof + 1) / 2 * math.log1p(x * x / dof))
-
-
-def simpson(f, a: float, b: float, n: int = 20000) -> float:
-    h = (b - a) / n
-    return h / 3 * (f(a) + f(b) + sum((4 if i % 2 else 2) * f(a + i * h) for i in range(1, n)))
-
-
 # ----------------------------------------------------------------------------------------------------
-# Student-t and Welch
+# Statistics (scipy.stats underneath; checked against closed forms and independent integrals)
 
 
-@pytest.mark.parametrize("t", [-7.5, -1.0, -0.3, 0.0, 0.4, 2.0, 12.7])
-def test_t_cdf_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
-    assert rp.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)
-    assert rp.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
+def test_paired_test_on_fixed_inputs_matches_the_hand_computation():
+    a, b = [1.0, 2.1, 3.3], [0.5, 1.0, 2.0]
+    t = rp.paired_test(a, b)
+    d = [0.5, 1.1, 1.3]  # differences; mean 29/30, sd from the (n - 1) variance
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    se = sd / math.sqrt(3)
+    assert (t.test, t.dof, t.n_a) == ("paired t", 2.0, 3)
+    assert t.diff == pytest.approx(mean, abs=1e-15) and t.se == pytest.approx(se, rel=1e-12)
+    assert t.t == pytest.approx(mean / se, rel=1e-12)
+    # two dof: P(|T| > t) = 1 - t / sqrt(2 + t^2), and t_{0.975, 2} = 4.302652729749464 (closed form below)
+    assert t.p == pytest.approx(1 - t.t / math.sqrt(2 + t.t**2), rel=1e-10)
+    crit = math.sqrt(2 / (1 - 0.95**2) - 2)  # solves 1 - c / sqrt(2 + c^2) = 0.05
+    assert t.ci == pytest.approx((mean - crit * se, mean + crit * se), rel=1e-10)
+    assert t.effect == pytest.approx(mean / sd, rel=1e-12)  # Cohen's d_z
 
 
-@pytest.mark.parametrize(
-    "q,dof,table",
-    [
-        (0.975, 1, 12.706),
-        (0.975, 4, 2.776),
-        (0.975, 10, 2.228),
-        (0.975, 30, 2.042),
-        (0.95, 2, 2.920),
-        (0.995, 5, 4.032),
-    ],
-)
-def test_t_quantiles_match_the_printed_table(q, dof, table):
-    assert rp.t_ppf(q, dof) == pytest.approx(table, abs=5e-4)
-    assert rp.t_ppf(1 - q, dof) == pytest.approx(-table, abs=5e-4)
-
-
-@pytest.mark.parametrize("t,dof", [(-4.0415, 4.959), (1.3, 2.5), (0.7, 17.3)])
-def test_t_cdf_matches_numerical_integration_of_the_density_for_fractional_dof(t, dof):
-    integral = simpson(lambda x: t_density(x, dof), min(t, 0.0), max(t, 0.0))
-    expected = 0.5 + integral if t > 0 else 0.5 - integral
-    assert rp.t_cdf(t, dof) == pytest.approx(expected, abs=1e-9)
-
-
-def test_welch_on_fixed_samples_matches_the_hand_computation():
+def test_welch_test_on_fixed_inputs_matches_the_hand_computation():
     w = rp.welch_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0])
-    # var 1 and 5/3; se^2 = 1/3 + 5/12 = 3/4; dof = (3/4)^2 / ((1/3)^2 / 2 + (5/12)^2 / 3)
-    assert w.diff == pytest.approx(-3.5, abs=1e-12)
-    assert w.se == pytest.approx(math.sqrt(0.75), abs=1e-12)
-    assert w.t == pytest.approx(-3.5 / math.sqrt(0.75), abs=1e-12)
-    assert w.dof == pytest.approx(0.5625 / (1 / 18 + (25 / 144) / 3), abs=1e-12)
-    tail = simpson(lambda x: t_density(x, w.dof), abs(w.t), 60.0) + simpson(lambda x: t_density(x, w.dof), 60.0, 1e4)
-    assert w.p == pytest.approx(2 * tail, rel=1e-5)
-    assert w.ci95 == pytest.approx(rp.t_ppf(0.975, w.dof) * w.se, abs=1e-12)
+    va, vb = 1.0 / 3, (5.0 / 3) / 4  # sample variances 1 and 5/3, over n
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    assert (w.test, w.diff) == ("Welch t", -3.5)
+    assert w.se == pytest.approx(se, rel=1e-12) and w.dof == pytest.approx(dof, rel=1e-12)
+    assert w.t == pytest.approx(-3.5 / se, rel=1e-12)
+    pooled = math.sqrt((2 * 1.0 + 3 * 5.0 / 3) / 5)
+    assert w.effect == pytest.approx(-3.5 / pooled, rel=1e-12)
 
 
-def test_welch_p_value_is_five_percent_at_the_tabulated_critical_value():
-    t_crit = 2.7764451051977987  # t_{0.975, 4}; equal n = 3 and equal variances give dof = 4
-    se = math.sqrt(1 / 3 + 1 / 3)
-    shift = t_crit * se
-    w = rp.welch_test([shift, shift + 1, shift + 2], [0.0, 1.0, 2.0])
-    assert w.dof == pytest.approx(4.0, abs=1e-12)
-    assert w.p == pytest.approx(0.05, abs=1e-9)
-    assert w.ci95 == pytest.approx(shift, abs=1e-9)  # at p = 0.05 the CI just touches zero
+def test_a_p_value_of_five_percent_puts_the_ci_bound_on_zero():
+    # 2 dof paired: t = c exactly gives p = 0.05, and the CI's upper bound is then 0
+    c = math.sqrt(2 / (1 - 0.95**2) - 2)
+    d = [-1.0, 0.0, 1.0]  # sd 1, se 1/sqrt(3); shift so that mean / se = -c
+    shift = -c / math.sqrt(3)
+    t = rp.paired_test([x + shift for x in d], [0.0, 0.0, 0.0])
+    assert t.p == pytest.approx(0.05, abs=1e-12) and t.ci[1] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_welch_with_two_seeds_each_matches_the_two_dof_closed_form():
-    w = rp.welch_test([0.0, 2.0], [1.0, 3.0])
-    t = -1 / math.sqrt(2)
-    assert (w.t, w.dof) == (pytest.approx(t, abs=1e-12), pytest.approx(2.0, abs=1e-12))
-    assert w.p == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), abs=1e-12)
-
-
-def test_welch_refuses_one_value_per_sample():
+def test_tests_refuse_what_cannot_be_tested():
+    with pytest.raises(ValueError, match="at least 2"):
+        rp.paired_test([1.0], [2.0])
+    with pytest.raises(ValueError, match="one value per seed"):
+        rp.paired_test([1.0, 2.0], [2.0])
+    with pytest.raises(ValueError, match="same difference"):
+        rp.paired_test([1.0, 2.0], [0.5, 1.5])
     with pytest.raises(ValueError, match="at least 2"):
         rp.welch_test([1.0], [2.0, 3.0])
+
+
+def test_holm_on_fixed_p_values():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04 -> monotone 0.03, 0.06, 0.06
+    assert rp.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06], abs=1e-15)
+    assert rp.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    assert rp.holm([0.2]) == [0.2]
+
+
+def test_minimal_detectable_difference_is_z_sum_for_many_dof_and_has_80_percent_power_for_few():
+    from scipy import integrate, stats
+
+    assert rp.minimal_detectable(1.0, 1e7) == pytest.approx(stats.norm.ppf(0.975) + stats.norm.ppf(0.8), rel=1e-5)
+    # 2 dof: power at the returned noncentrality, integrated independently of scipy's noncentral t:
+    # T' = (Z + nc) / sqrt(V / dof), V ~ chi2(dof); reject when |T'| > crit
+    dof, se = 2, 0.5
+    nc = rp.minimal_detectable(se, dof) / se
+    crit = stats.t.ppf(0.975, dof)
+
+    def reject_given_v(v):
+        s = crit * math.sqrt(v / dof)
+        return (stats.norm.sf(s - nc) + stats.norm.cdf(-s - nc)) * stats.chi2.pdf(v, dof)
+
+    power, _ = integrate.quad(reject_given_v, 0, math.inf)
+    assert power == pytest.approx(0.8, abs=1e-7)
+
+
+def test_verdicts_say_which_arm_is_better_or_what_is_excluded():
+    clear = rp.paired_test([2.80, 2.83, 2.84], [3.10, 3.12, 3.15])
+    text = rp.stats.verdict("moe", "dense", "val/loss", False, clear)
+    assert text.startswith("moe is better: val/loss moe - dense = -0.3 (95% CI ")
+    acc = rp.stats.verdict("moe", "dense", "val/x/exact_match", True, clear)  # lower value, higher is better
+    assert acc.startswith("dense is better")
+    noisy = rp.paired_test([3.10, 3.20, 3.00], [3.05, 3.25, 3.12])
+    text = rp.stats.verdict("gelu", "relu", "val/loss", False, noisy)
+    assert text.startswith("no difference detected: ") and "neither" not in text
+    assert f"differences larger than {noisy.excluded_beyond:.3g} in either direction are excluded" in text
+    assert f"detect a true difference of {noisy.mde:.3g} with 80% power" in text
+    assert noisy.excluded_beyond == max(abs(noisy.ci[0]), abs(noisy.ci[1]))
+    # Holm: the adjusted p decides
+    assert rp.stats.verdict("moe", "dense", "val/loss", False, clear, p_adjusted=0.2).startswith("no difference")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,46 +233,177 @@ def test_table_has_one_arm_per_ablated_value_with_exact_means_and_stds(tmp_path)
     assert "| moe_8x | 3/3 | 2.8500 ± 0.0500 |" in md
 
 
-def test_a_clear_difference_names_the_better_arm_with_its_welch_numbers(tmp_path):
-    two_arm_sweep(tmp_path, {"baseline_10m": [3.10, 3.12, 3.14], "moe_8x": [2.80, 2.82, 2.84]})
-    (c,) = rp.build_report(tmp_path, now=NOW).comparisons
-    se = math.sqrt(2 * 0.02**2 / 3)  # equal variances, n = 3 each: dof = 4
-    assert (c.arm, c.baseline) == ("moe_8x", "baseline_10m")
-    assert c.diff == pytest.approx(-0.30, abs=1e-12)
-    assert c.ci95 == pytest.approx(2.7764451051977987 * se, rel=1e-9)
-    assert c.p == pytest.approx(rp.t_sf2(0.30 / se, 4.0), rel=1e-9) and c.p < 1e-4
-    assert c.sentence == (f"moe_8x vs baseline_10m: -0.3000 ± {c.ci95:.4f} (p<0.0001, 3 vs 3 seeds) — moe_8x is better")
+def test_arms_on_the_same_seeds_are_compared_paired_and_the_better_arm_named(tmp_path):
+    two_arm_sweep(tmp_path, {"baseline_10m": [3.10, 3.12, 3.15], "moe_8x": [2.80, 2.83, 2.84]})
+    r = rp.build_report(tmp_path, now=NOW)
+    (c,) = at_equal_tokens(r, "val/loss")
+    assert (c.arm, c.baseline, c.metric) == ("moe_8x", "baseline_10m", rp.Metric("val/loss"))
+    expected = rp.paired_test([2.80, 2.83, 2.84], [3.10, 3.12, 3.15])  # seeds 1, 2, 3 paired
+    assert c.test == expected and c.p_holm is None
+    assert c.diff == pytest.approx(-0.30, abs=1e-12)  # differences -0.30, -0.29, -0.31
+    assert c.sentence == "moe_8x vs baseline_10m: " + rp.stats.verdict(
+        "moe_8x", "baseline_10m", "val/loss", False, c.test
+    )
+    assert c.sentence.startswith("moe_8x vs baseline_10m: moe_8x is better")
+    assert f"- {c.sentence}" in r.markdown()
 
 
-def test_overlapping_arms_are_reported_within_noise(tmp_path):
+def test_arms_on_different_seeds_fall_back_to_welch(tmp_path):
+    for num, (name, seed, loss) in enumerate([("a", 1, 3.0), ("a", 2, 3.1), ("b", 3, 2.5), ("b", 4, 2.7)]):
+        write_job(tmp_path, num, [f"model={name}", f"train.seed={seed}"], loss)
+    (c,) = at_equal_tokens(rp.build_report(tmp_path, now=NOW), "val/loss")
+    assert c.test == rp.welch_test([2.5, 2.7], [3.0, 3.1])
+
+
+def test_overlapping_arms_state_what_is_excluded_and_what_could_be_detected(tmp_path):
     two_arm_sweep(tmp_path, {"relu": [3.10, 3.20, 3.00], "gelu": [3.05, 3.25, 3.12]})
     r = rp.build_report(tmp_path, now=NOW)
-    (c,) = r.comparisons
-    assert c.p > 0.05
-    assert c.sentence.endswith(f"(p={c.p:.2g}, 3 vs 3 seeds) — within noise; more seeds needed")
+    (c,) = at_equal_tokens(r, "val/loss")
+    assert c.p is not None and c.p > 0.05 and not c.significant
+    assert "no difference detected" in c.sentence and "are excluded" in c.sentence
     assert c.sentence in r.markdown()
 
 
-def test_one_seed_per_arm_says_no_significance_can_be_computed(tmp_path):
+def test_one_seed_per_arm_says_no_test_is_possible(tmp_path):
     two_arm_sweep(tmp_path, {"relu": [3.10], "gelu": [3.00]})
-    (c,) = rp.build_report(tmp_path, now=NOW).comparisons
-    assert (c.p, c.ci95) == (None, None) and c.diff == pytest.approx(-0.10, abs=1e-12)
-    assert "no significance can be computed with one seed" in c.sentence
+    (c,) = at_equal_tokens(rp.build_report(tmp_path, now=NOW), "val/loss")
+    assert c.test is None and c.diff is None
+    assert "differs by -0.1 (1 vs 1 seeds) but no test is possible" in c.sentence
+
+
+def test_several_comparisons_are_holm_adjusted(tmp_path):
+    two_arm_sweep(tmp_path, {"a": [3.0, 3.1, 3.2], "b": [2.9, 3.05, 3.1], "c": [2.0, 2.2, 2.3]})
+    r = rp.build_report(tmp_path, now=NOW)
+    loss = at_equal_tokens(r, "val/loss")
+    assert len(loss) == 3
+    raw = [c.p for c in loss]
+    assert [c.p_holm for c in loss] == pytest.approx(rp.holm(raw), abs=1e-15)  # within the metric's family
+    assert all("Holm-adjusted" in c.sentence for c in loss)
+
+
+def test_exact_match_is_compared_too_and_higher_is_better(tmp_path):
+    for seed in (1, 2, 3):
+        for i, (name, em) in enumerate([("adamw", 0.10 + seed / 100), ("muon", 0.30 + seed / 50)]):
+            write_job(
+                tmp_path,
+                2 * (seed - 1) + i,
+                [f"optim={name}", f"train.seed={seed}"],
+                3.0 + i / 100 + seed / 1000,
+                val={"val/loss": 3.0, "val/r/exact_match": em},
+            )
+    r = rp.build_report(tmp_path, now=NOW)
+    assert [m.text for m in r.metrics if m.at is None] == ["val/loss", "val/r/exact_match"]
+    budgets = [m.label.split(" (")[0] for m in r.metrics if m.at is not None]
+    assert budgets == [
+        f"{k} at equal {axis}" for axis in ("flops", "seconds") for k in ("val/loss", "val/r/exact_match")
+    ]
+    em = next(c for c in r.comparisons if c.metric.key == "val/r/exact_match")
+    assert em.sentence.startswith("muon vs adamw: muon is better: val/r/exact_match")
+    assert "| val/r/exact_match |" in r.markdown() and "### val/r/exact_match (higher is better)" in r.markdown()
+
+
+def test_tokens_to_reach_a_target_interpolates_between_evaluations():
+    curve = [rp.Point(5, 100, None, 0.1), rp.Point(10, 200, None, 0.3), rp.Point(15, 300, None, 0.5)]
+    assert rp.tokens_to_reach(curve, 0.2, higher=True) == pytest.approx(150.0, abs=1e-12)
+    assert rp.tokens_to_reach(curve, 0.05, higher=True) == 100.0  # already at the first evaluation
+    assert rp.tokens_to_reach(curve, 0.6, higher=True) is None
+    falling = [rp.Point(5, 100, None, 5.0), rp.Point(10, 200, None, 4.0)]
+    assert rp.tokens_to_reach(falling, 4.5, higher=False) == pytest.approx(150.0, abs=1e-12)
+    assert rp.Metric.parse("val/r/exact_match>=0.2") == rp.Metric("val/r/exact_match", 0.2)
+    with pytest.raises(ValueError, match="improves the other way"):
+        rp.Metric.parse("val/loss>=3")
+    with pytest.raises(ValueError, match="must be a number"):
+        rp.Metric.parse("val/loss<=abc")
+
+
+def test_a_target_metric_compares_tokens_and_names_seeds_that_never_reached_it(tmp_path):
+    # tokens per step 512; exact match at steps 5 and 10
+    for seed in (1, 2, 3):
+        write_job(
+            tmp_path,
+            2 * seed - 2,
+            ["optim=a", f"train.seed={seed}"],
+            3.0,
+            curve=[(5, 6.0), (10, 5.0)],
+            val_curve={"val/r/exact_match": [0.1, 0.2 + seed / 100]},
+        )
+        write_job(
+            tmp_path,
+            2 * seed - 1,
+            ["optim=b", f"train.seed={seed}"],
+            3.0,
+            curve=[(5, 6.0), (10, 5.0)],
+            val_curve={"val/r/exact_match": [0.1 + seed / 20, 0.4]},
+        )
+    r = rp.build_report(tmp_path, metrics=["val/r/exact_match>=0.2"], now=NOW)
+    (target,) = [m for m in r.metrics if m.target is not None]
+    assert target.label == "tokens to val/r/exact_match >= 0.2" and not target.higher_is_better
+    a, b = r.arm("a"), r.arm("b")
+    # a: 0.1 at 2560 tokens -> 0.2 + seed / 100 at 5120: crosses 0.2 at 2560 + 0.1 / (0.1 + seed / 100) * 2560
+    expected_a = {str(s): 2560 + 0.1 / (0.1 + s / 100) * 2560 for s in (1, 2, 3)}
+    assert a.by_seed(target) == pytest.approx(expected_a, abs=1e-9)
+    # b: 0.15 -> 0.4 (seed 1: 2560 + (0.05 / 0.25) * 2560), seed 2: 0.2 at step 5, seed 3: 0.25 at step 5
+    assert b.by_seed(target) == pytest.approx({"1": 3072.0, "2": 2560.0, "3": 2560.0}, abs=1e-9)
+    (c,) = [c for c in r.comparisons if c.metric == target]
+    assert c.sentence.startswith("b vs a: b is better: tokens to val/r/exact_match >= 0.2")
+    write_job(
+        tmp_path,
+        6,
+        ["optim=a", "train.seed=4"],
+        3.0,
+        curve=[(5, 6.0), (10, 5.0)],
+        val_curve={"val/r/exact_match": [0.1, 0.15]},
+    )
+    r = rp.build_report(tmp_path, metrics=["val/r/exact_match>=0.2"], now=NOW)
+    (c,) = [c for c in r.comparisons if c.metric.target is not None]
+    # seed 4 of a never reached the target: left out, the seeds both arms have are still paired
+    assert c.test is not None and (c.test.test, c.test.n_a) == ("paired t", 3)
+    assert c.sentence.endswith("(a seeds 4 never reached the target)")
+    assert "(3/4 reached) |" in r.markdown()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-seed results and the verdict check
+
+
+def test_per_seed_results_rebuild_the_same_verdicts_and_a_doctored_report_fails_the_check(tmp_path):
+    sweep = two_arm_sweep(tmp_path / "sweep", {"adamw": [3.10, 3.12, 3.15], "muon": [2.80, 2.83, 2.84]})
+    out = tmp_path / "study"
+    paths = rp.write_report(rp.build_report(sweep, now=NOW, metrics=["val/loss<=5.6"]), out, plots=False)
+    assert [p.name for p in paths] == ["report.md", "runs.json", "runs.csv", "curves.csv"]
+    rows = json.loads((out / "runs.json").read_text())
+    assert [(r["arm"], r["seed"], r["summary"]["val_loss"]) for r in rows][:2] == [
+        ("adamw", "1", 3.10),
+        ("adamw", "2", 3.12),
+    ]
+    rebuilt = rp.build_report(out)
+    assert rebuilt.from_results and [a.label for a in rebuilt.arms] == ["adamw", "muon"]
+    assert rp.check_report(out) == []
+    assert rp.main(["--check", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    (out / "report.md").write_text(text.replace("muon is better", "adamw is better", 1))
+    problems = rp.check_report(out)
+    assert problems and problems[0].startswith("not supported by the data: - muon vs adamw: adamw is better")
+    assert rp.main(["--check", str(out)]) == 1
+    (out / "report.md").write_text(text)
+    rows[3]["summary"]["val_loss"] = 3.5  # a doctored number changes the rebuilt verdict
+    (out / "runs.json").write_text(json.dumps(rows))
+    assert rp.check_report(out) != []
 
 
 def test_many_arms_are_compared_with_the_baseline_only(tmp_path):
     two_arm_sweep(tmp_path, {name: [3.0 + i / 10, 3.05 + i / 10] for i, name in enumerate("abcde")})
     r = rp.build_report(tmp_path, now=NOW)
-    assert [(c.arm, c.baseline) for c in r.comparisons] == [(x, "a") for x in "bcde"]
+    assert [(c.arm, c.baseline) for c in at_equal_tokens(r, "val/loss")] == [(x, "a") for x in "bcde"]
     named = rp.build_report(tmp_path, baseline="c", now=NOW)
-    assert [(c.arm, c.baseline) for c in named.comparisons] == [(x, "c") for x in "abde"]
+    assert [(c.arm, c.baseline) for c in at_equal_tokens(named, "val/loss")] == [(x, "c") for x in "abde"]
     with pytest.raises(ValueError, match="not an arm"):
         rp.build_report(tmp_path, baseline="zzz", now=NOW)
 
 
 def test_few_arms_are_compared_pairwise(tmp_path):
     two_arm_sweep(tmp_path, {name: [3.0, 3.1] for name in "abc"})
-    pairs = [(c.arm, c.baseline) for c in rp.build_report(tmp_path, now=NOW).comparisons]
+    pairs = [(c.arm, c.baseline) for c in at_equal_tokens(rp.build_report(tmp_path, now=NOW), "val/loss")]
     assert pairs == [("b", "a"), ("c", "a"), ("c", "b")]
 
 
@@ -272,11 +430,13 @@ def test_plots_are_pngs_of_the_configured_size(tmp_path):
         write_job(
             sweep, 2 * seed - 1, ["model=moe_8x", f"train.seed={seed}"], 5.4, moe=[(5, 1.8 + seed / 10), (10, 1.3)]
         )
-    paths = rp.write_report(rp.build_report(sweep, now=NOW))
+    paths = rp.write_report(rp.build_report(sweep, now=NOW), results=False)
     assert [p.name for p in paths] == [
         "report.md",
         "val_loss_vs_tokens.png",
         "val_loss_vs_flops.png",
+        "val_loss_vs_seconds.png",
+        "train_loss_vs_tokens.png",
         "moe_load_balance.png",
     ]
     for png in paths[1:]:
@@ -284,14 +444,16 @@ def test_plots_are_pngs_of_the_configured_size(tmp_path):
     assert "![val_loss_vs_flops](val_loss_vs_flops.png)" in (sweep / "report.md").read_text()
 
 
-def test_dense_sweep_has_no_moe_plot_and_band_is_mean_min_max_over_seeds(tmp_path):
+def test_dense_sweep_has_no_moe_plot_and_band_is_mean_and_standard_error_over_seeds(tmp_path):
     write_job(tmp_path, 0, ["model=a", "train.seed=1"], 5.0, curve=[(5, 6.0), (10, 5.0)])
     write_job(tmp_path, 1, ["model=a", "train.seed=2"], 5.4, curve=[(5, 6.4), (10, 5.4)])
     r = rp.build_report(tmp_path, now=NOW)
     assert [a.label for a in r.arms] == ["all jobs"]  # nothing varies but the seed: one arm
-    xs, mean, lo, hi = rp._band(rp._arm_series(r.arms[0], "tokens"))
+    xs, mean, se = rp.plots.band(rp.plots.arm_series(r.arms[0], "val/loss", "tokens"))
     assert xs == [2560, 5120]
-    assert mean == pytest.approx([6.2, 5.2], abs=1e-12) and (lo, hi) == ([6.0, 5.0], [6.4, 5.4])
+    assert mean == pytest.approx([6.2, 5.2], abs=1e-12) and se == pytest.approx([0.2, 0.2], abs=1e-12)
+    seconds, _, _ = rp.plots.band(rp.plots.arm_series(r.arms[0], "val/loss", "seconds"))
+    assert seconds == [2.5, 5.0]  # 0.5 s per step, logged at steps 5 and 10
     names = [p.name for p in rp.write_report(r)]
     assert "moe_load_balance.png" not in names and "val_loss_vs_tokens.png" in names
 
@@ -546,9 +708,43 @@ def test_real_two_by_two_multirun_reports_two_arms_of_two_seeds(tinystories_dir,
         for key in rp.SUMMARY_STATS:
             assert arm.stat(key).values == tuple(float(s[key]) for s in summaries)
         assert arm.stat("tokens_seen").mean == 10 * 8 * 64
-        assert [j.val_curve[-1] for j in arm.finished] == [(10, 5120, s["val_loss"]) for s in summaries]
-    (c,) = r.comparisons
+        last = [j.curves["val/loss"][-1] for j in arm.finished]
+        assert [(p.step, p.tokens, p.value) for p in last] == [(10, 5120, s["val_loss"]) for s in summaries]
+        assert all(p.seconds is not None and p.seconds > 0 for p in last)
+    (c,) = at_equal_tokens(r, "val/loss")
     assert c.diff == pytest.approx(r.arm("gelu").stat("val_loss").mean - r.arm("relu").stat("val_loss").mean)
     assert 0.0 <= c.p <= 1.0 and r.unfinished == []
     paths = rp.write_report(r)
-    assert [png_size(p) for p in paths[1:]] == [(1200, 800), (1200, 800)]
+    assert [png_size(p) for p in paths if p.suffix == ".png"] == [(1200, 800)] * 4
+
+
+def test_equal_flops_reads_each_curve_at_the_cheapest_arms_total_including_optimizer_flops(tmp_path):
+    # model FLOPs 1e6 per token, 512 tokens per step: 5.12e9 at step 10; arm b's optimizer adds as much again
+    for seed in (1, 2):
+        write_job(
+            tmp_path,
+            2 * seed - 2,
+            ["optim=a", f"train.seed={seed}"],
+            5.5 + seed / 100,
+            curve=[(5, 6.0), (10, 5.5 + seed / 100)],
+        )
+        write_job(
+            tmp_path,
+            2 * seed - 1,
+            ["optim=b", f"train.seed={seed}"],
+            5.0 + seed / 300,
+            curve=[(5, 5.8 - seed / 50), (10, 5.0 + seed / 300)],
+            optimizer_flops=5.12e9,
+        )
+    r = rp.build_report(tmp_path, now=NOW)
+    flops = next(m for m in r.metrics if m.at == "flops")
+    assert flops.budget == pytest.approx(5.12e9) and flops.key == "val/loss"
+    assert r.arm("a").by_seed(flops) == pytest.approx({"1": 5.51, "2": 5.52})  # its last evaluation
+    assert r.arm("b").by_seed(flops) == pytest.approx({"1": 5.78, "2": 5.76})  # half-way: step 5
+    seconds = next(m for m in r.metrics if m.at == "seconds")
+    assert seconds.budget == pytest.approx(5.0)  # 0.5 s per step for 10 steps, both arms
+    assert r.arm("b").by_seed(seconds) == pytest.approx({"1": 5.0 + 1 / 300, "2": 5.0 + 2 / 300})
+    (c,) = [c for c in r.comparisons if c.metric == flops]
+    assert c.sentence.startswith("b vs a: a is better: val/loss at equal flops (5.12e+09 FLOPs)")
+    (tokens,) = at_equal_tokens(r, "val/loss")
+    assert tokens.sentence.startswith("b vs a: b is better")  # the verdict flips once the optimizer's FLOPs count

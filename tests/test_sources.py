@@ -139,7 +139,7 @@ def test_mixture_weights_are_honoured_over_batches_within_the_binomial_bound():
         assert abs(c / n - w) < 5 * math.sqrt(w * (1 - w) / n)
 
 
-def test_mixture_loader_resumes_exactly_and_ranks_split_the_same_global_batch():
+def test_mixture_loader_resumes_exactly_and_any_rank_count_splits_the_same_global_batches():
     a = _mixture()
     for _ in range(7):
         a.next_batch()
@@ -150,14 +150,34 @@ def test_mixture_loader_resumes_exactly_and_ranks_split_the_same_global_batch():
         xb, yb = b.next_batch()
         assert xa.equal(xb) and ya.equal(yb)
     whole = _mixture(world=1)
-    ranks = [MixtureLoader(whole.streams, [0.6, 0.3, 0.1], 8, 8, 7, rank=r, world_size=2) for r in (0, 1)]
-    for batch in range(3):  # the global assignment of sources is shared; each rank takes its half of the rows
-        assert (
-            np.concatenate([r.sources_of_batch(batch) for r in ranks]).tolist()
-            == whole.sources_of_batch(batch).tolist()
-        )
+    for world in (2, 4):  # sources and windows follow each row's global index: rank r holds rows r::W
+        ranks = [MixtureLoader(whole.streams, [0.6, 0.3, 0.1], 16 // world, 8, 7, r, world) for r in range(world)]
+        for ld in ranks:
+            ld.load_state_dict(b.state_dict())
+        for _ in range(3):
+            x_whole = b.next_batch()[0]
+            parts = [ld.next_batch()[0] for ld in ranks]
+            assert all(x_whole[r::world].equal(part) for r, part in enumerate(parts))
+        assert all(ld.state_dict() == b.state_dict() for ld in ranks)  # and continue on any rank count
+        b.load_state_dict(ranks[0].state_dict())
     with pytest.raises(ValueError, match="source weights"):
         MixtureLoader(whole.streams, [0.5, 0.4, 0.1], 16, 8, 7).load_state_dict(a.state_dict())
+
+
+def test_a_mixture_state_of_older_versions_loads_from_one_rank_and_is_refused_by_name_from_several():
+    """Before global positions a mixture kept each source's position per rank (saving rank 0's): from one rank
+    that is the global position; from several it cannot be continued."""
+    a = _mixture()
+    for _ in range(7):
+        a.next_batch()
+    legacy = a.state_dict()
+    legacy["sources"] = [{**sub, "world_size": 1} for sub in legacy["sources"]]
+    b = _mixture(world=2)
+    b.load_state_dict(legacy)
+    assert b.state_dict() == a.state_dict()
+    legacy["sources"] = [{**sub, "world_size": 2} for sub in legacy["sources"]]
+    with pytest.raises(ValueError, match="saved on 2 ranks by a scaletrain older than global data positions"):
+        b.load_state_dict(legacy)
 
 
 # ----------------------------------------------------------------------------- config rules

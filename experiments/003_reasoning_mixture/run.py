@@ -61,7 +61,7 @@ def tune(root: Path, name: str, key: str, grid: list[float], fixed: list[str], d
             grid.append(grid[-1] * 2)
         else:
             break
-    print(f"{name}: " + ", ".join(f"{k} {lr:g} -> {results[lr]:.4f}" for lr in sorted(results)) + f"; best {best:g}")
+    print(f"{name}: " + ", ".join(f"{key} {lr:g} -> {results[lr]:.4f}" for lr in sorted(results)) + f"; best {best:g}")
     (root / name / "choice.json").write_text(json.dumps({"key": key, "results": results, "best": best, "by": SELECT}))
     return best
 

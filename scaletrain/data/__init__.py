@@ -12,7 +12,8 @@ disk and memory-maps them:
    each document to `cache_dir/tokens/<data_fp>-<tok_fp>/{train,val}.bin`, one entry per source.
 
 Batches (`loader.py`): `BatchLoader` (one stream) and `MixtureLoader` (each row's source drawn by weight) in a
-seeded, resumable, rank-sharded order; `eval_batches` is a stream's fixed validation set.
+seeded, resumable order that is global (each rank takes its rows of every global batch; the state is a global
+position, so a run resumes on any number of ranks); `eval_batches` is a stream's fixed validation set.
 
 Caches: local text is copied once into Arrow under `cache_dir/datasets`; hub data stays in the Hugging Face
 cache (so `HF_HUB_OFFLINE=1` finds an earlier download). Every way the data can be unusable (a missing,

@@ -1,6 +1,15 @@
-"""Batches: `BatchLoader` draws training windows of one token stream in a seeded, resumable, rank-sharded order;
-`MixtureLoader` draws each sequence's source by weight and its window from that source's `BatchLoader`;
-`eval_batches` is the fixed validation set."""
+"""Batches: `BatchLoader` draws training windows of one token stream in a seeded, resumable order that is the
+same for any number of ranks; `MixtureLoader` draws each sequence's source by weight and its window from that
+source's order; `eval_batches` is the fixed validation set.
+
+The data order is global, a function of the seed alone: epoch e of a stream is a permutation of all its
+windows drawn from `default_rng([seed, e])`, and the epochs follow each other. Each `next_batch` (on every
+rank) consumes the next global micro-batch, `batch_size * world_size` windows (`batch_size` is this rank's
+share), of that stream; rank r of W takes rows r, r + W, r + 2W, ... of it (strided: with W = 1 this is the
+whole global micro-batch, in order). So the state is a global position, (epoch, windows of the epoch used),
+and a run checkpointed on N ranks continues on M ranks with exactly the remaining samples, as long as the
+global batch (train.batch_size, train.grad_accum), seq_len and seed stay (the trainer's config check refuses
+changing those)."""
 
 from __future__ import annotations
 
@@ -16,14 +25,64 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
 
-class BatchLoader:
-    """Random non-overlapping windows of seq_len + 1 tokens (stride seq_len), deterministic in
-    (seed, epoch), sharded by rank, and resumable: `state_dict()` pins the exact next batch.
+class WindowOrder:
+    """The global order of one stream's non-overlapping windows of seq_len + 1 tokens (stride seq_len): epoch e
+    is a permutation of all of them drawn from `default_rng([seed, e])`, epochs one after the other; `take(n)`
+    hands out the next n. Its position (epoch, pos) does not depend on how many ranks read it."""
 
-    Each epoch permutes all windows with `default_rng([seed, epoch])`; rank r takes every
-    world_size-th window of that order. The last `n_windows % world_size` windows of the order are
-    dropped so that every rank has equally many per epoch (ranks stay in step across epochs).
-    """
+    def __init__(self, n_tokens: int, seq_len: int, seed: int):
+        self.n_tokens, self.seq_len, self.seed = n_tokens, seq_len, seed
+        self.n_windows = (n_tokens - 1) // seq_len
+        if self.n_windows <= 0:
+            raise ValueError(f"{n_tokens} tokens hold no window of seq_len + 1 = {seq_len + 1}")
+        self.epoch, self.pos = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _starts(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows) * self.seq_len
+            self._order_epoch = self.epoch
+        return self._order
+
+    def take(self, n: int) -> np.ndarray:
+        """Start offsets of the next `n` windows of the global order (advances the position)."""
+        parts = [np.empty(0, dtype=np.int64)]
+        while n:  # a global batch may straddle one or more epoch boundaries
+            k = min(n, self.n_windows - self.pos)
+            parts.append(self._starts()[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+            if self.pos == self.n_windows:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return np.concatenate(parts)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "n_tokens": self.n_tokens,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Also reads the per-rank state of scaletrain before global positions (it has `world_size`): W ranks at
+        per-rank position p had together used the first p * W windows of the epoch's permutation (they dropped
+        the last n_windows % W of each epoch; this order does not, so from the end of that epoch on the order
+        is this version's)."""
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "n_tokens"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]}, this loader has "
+                    f"{key}={mine[key]}; the data order would not continue where it stopped"
+                )
+        self.epoch, self.pos = state["epoch"], state["pos"] * state.get("world_size", 1)
+
+
+class BatchLoader:
+    """This rank's rows of each global micro-batch of one stream's `WindowOrder` (see the module docstring):
+    deterministic in (seed, epoch), the same global batches on any number of ranks, and resumable:
+    `state_dict()` (the global position) pins the exact next global batch."""
 
     def __init__(
         self,
@@ -44,68 +103,38 @@ class BatchLoader:
         self.pin_memory = pin_memory
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.n_windows = (len(tokens) - 1) // seq_len
-        self.per_rank = self.n_windows // world_size
-        if self.per_rank == 0:
-            raise ValueError(
-                f"{len(tokens)} tokens hold {self.n_windows} windows of seq_len + 1 = {seq_len + 1}; "
-                f"need at least world_size = {world_size}"
-            )
-        self.epoch, self.pos = 0, 0
-        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self.order = WindowOrder(len(tokens), seq_len, seed)
 
-    def _rank_starts(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-            self._order = perm[: self.per_rank * self.world_size][self.rank :: self.world_size] * self.seq_len
-            self._order_epoch = self.epoch
-        return self._order
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    @property
+    def pos(self) -> int:
+        """Windows of the current epoch's global order used so far (by all ranks together)."""
+        return self.order.pos
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = _windows(self.tokens, self.next_starts(self.batch_size), self.seq_len)
+        # every rank computes the whole global micro-batch's starts (cheap) and gathers only its rows
+        starts = self.order.take(self.batch_size * self.world_size)[self.rank :: self.world_size]
+        x, y = _windows(self.tokens, starts, self.seq_len)
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
-    def next_starts(self, n: int) -> np.ndarray:
-        """Start offsets of this rank's next `n` windows (advances the position)."""
-        parts = [np.empty(0, dtype=np.int64)]
-        need = n
-        while need:  # a batch may straddle one or more epoch boundaries
-            take = min(need, self.per_rank - self.pos)
-            parts.append(self._rank_starts()[self.pos : self.pos + take])
-            self.pos += take
-            need -= take
-            if self.pos == self.per_rank:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return np.concatenate(parts)
-
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "world_size": self.world_size,
-            "n_tokens": len(self.tokens),
-        }
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "seq_len", "world_size", "n_tokens"):
-            if state[key] != mine[key]:
-                raise ValueError(
-                    f"loader state was saved with {key}={state[key]}, this loader has "
-                    f"{key}={mine[key]}; the data order would not continue where it stopped"
-                )
-        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.order.load_state_dict(state)
 
 
 class MixtureLoader:
-    """Sequences from several token streams, each row's source drawn by weight. Batch b's sources come from
-    `default_rng([seed, MIX, b])` over the GLOBAL batch (every rank draws the same assignment and takes its
-    rows), and each source's windows from its own `BatchLoader` (seed * 1,000,003 + i for source i, sharded by rank),
-    so the data order is deterministic, rank-sharded and resumable like `BatchLoader`'s: the state is the batch
-    counter and each source's position. Over n rows a source's share is Binomial(n, w) / n: it converges to
-    its weight, with standard deviation sqrt(w (1 - w) / n)."""
+    """Sequences from several token streams, each row's source drawn by weight. Global micro-batch b's sources
+    come from `default_rng([seed, MIX, b])`, one draw per row of the GLOBAL micro-batch, and the rows of source
+    i take, in row order, the next windows of that source's own `WindowOrder` (seed * 1,000,003 + i); rank r
+    takes rows r::world_size as `BatchLoader` does. So which source and which window a sample gets depends on
+    its global index alone, never on the rank count; the state is the batch counter and each source's global
+    position. Over n rows a source's share is Binomial(n, w) / n: it converges to its weight, with standard
+    deviation sqrt(w (1 - w) / n)."""
 
     MIX = 0x6D6978  # "mix": keeps the assignment stream apart from the sources' window orders
 
@@ -122,53 +151,64 @@ class MixtureLoader:
     ):
         if len(streams) != len(weights) or not streams:
             raise ValueError("MixtureLoader needs one weight per stream, and at least one stream")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
         total = float(sum(weights))
         self.weights = np.asarray(weights, dtype=np.float64) / total
-        self.loaders = [
-            BatchLoader(tokens, batch_size, seq_len, seed * 1_000_003 + i, rank, world_size)
-            for i, tokens in enumerate(streams)
-        ]
+        self.orders = [WindowOrder(len(tokens), seq_len, seed * 1_000_003 + i) for i, tokens in enumerate(streams)]
         self.streams, self.batch_size, self.seq_len, self.seed = streams, batch_size, seq_len, seed
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.batch = 0
 
     def sources_of_batch(self, batch: int) -> np.ndarray:
-        """The source index of each of this rank's rows in batch `batch`."""
+        """The source index of every row of global micro-batch `batch` (all ranks' rows)."""
         rng = np.random.default_rng([self.seed, self.MIX, batch])
-        rows = rng.choice(len(self.weights), size=self.batch_size * self.world_size, p=self.weights)
-        return rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return rng.choice(len(self.weights), size=self.batch_size * self.world_size, p=self.weights)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         which = self.sources_of_batch(self.batch)
         self.batch += 1
-        x = torch.empty(self.batch_size, self.seq_len, dtype=torch.int64)
-        y = torch.empty_like(x)
-        for i, loader in enumerate(self.loaders):
+        starts = np.empty(len(which), dtype=np.int64)
+        for i, order in enumerate(self.orders):  # every rank advances every source by the global batch's rows
             rows = np.flatnonzero(which == i)
             if len(rows):
-                x[rows], y[rows] = _windows(self.streams[i], loader.next_starts(len(rows)), self.seq_len)
+                starts[rows] = order.take(len(rows))
+        which, starts = which[self.rank :: self.world_size], starts[self.rank :: self.world_size]
+        x = torch.empty(self.batch_size, self.seq_len, dtype=torch.int64)
+        y = torch.empty_like(x)
+        for i in range(len(self.orders)):
+            rows = np.flatnonzero(which == i)
+            if len(rows):
+                x[rows], y[rows] = _windows(self.streams[i], starts[rows], self.seq_len)
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def state_dict(self) -> dict:
         return {
             "batch": self.batch,
             "weights": self.weights.tolist(),
-            "sources": [l.state_dict() for l in self.loaders],
+            "sources": [order.state_dict() for order in self.orders],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if "sources" not in state or len(state["sources"]) != len(self.loaders):
+        if "sources" not in state or len(state["sources"]) != len(self.orders):
             raise ValueError(
                 f"loader state was saved with {len(state.get('sources', [None]))} source(s), this loader has "
-                f"{len(self.loaders)}; the data order would not continue where it stopped"
+                f"{len(self.orders)}; the data order would not continue where it stopped"
             )
         if not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
             raise ValueError(
                 f"loader state was saved with source weights {state['weights']}, this loader has "
                 f"{self.weights.tolist()}; the data order would not continue where it stopped"
             )
-        for loader, sub in zip(self.loaders, state["sources"]):
-            loader.load_state_dict(sub)
+        ranks = max(sub.get("world_size", 1) for sub in state["sources"])
+        if ranks > 1:
+            raise ValueError(
+                f"this mixture's loader state was saved on {ranks} ranks by a scaletrain older than global data "
+                "positions: each source's position was kept per rank and only rank 0's was saved, so its data "
+                "order cannot be continued; start a new run folder (or resume with the version that wrote it)"
+            )
+        for order, sub in zip(self.orders, state["sources"]):
+            order.load_state_dict(sub)
         self.batch = state["batch"]
 
 

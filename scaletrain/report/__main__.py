@@ -1,0 +1,5 @@
+import sys
+
+from scaletrain.report import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""A whole study in one command: tune each arm, evaluate the tuned arms on paired seeds, account for compute,
+report — and pick up where it stopped when the same command is issued again.
+
+    python -m scaletrain.study experiment=<recipe> [key=value ...] [--dry-run] [--out DIR]
+
+The recipe (conf/experiment/<recipe>.yaml) holds a `study:` section (schema: config.StudyConfig): the arms (the
+overrides that make each), the key each arm tunes and its grid, which tuned values an arm takes from another
+(Muon's AdamW part at the AdamW arm's best lr), the tuning seed, the evaluation seeds, the selection metric and the
+report's extra metrics. Phases, each a Hydra multirun of `python -m scaletrain.run` (so any launcher works:
+`cluster=slurm` etc. pass through):
+  1. tune   per arm (in inheritance order): its grid on `study.tune_seed`, every run fully decayed, chosen by the
+            final value of `study.select`; a best point at an edge of the grid adds the next point past it
+            (`study.max_widen` times at most);
+  2. eval   every arm at its tuned values on `study.seeds` (a seed fixes the data order in every arm: paired);
+  3. report tuning.md (each arm's grid and choice, plot) and the report of the evaluation runs (per-seed results,
+            verdicts; compute per arm: tokens, model FLOPs, Newton-Schulz FLOPs, wall-clock and CPU time).
+Re-issuing the command skips finished jobs (summary.json), resumes interrupted ones (`train.resume=auto` from their
+newest checkpoint) and reruns failed ones. The first invocation freezes the study (study.json: the command line's
+overrides, the study section, the expanded config of every job); a later one with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scaletrain import records
+from scaletrain.config import Config, ConfigError, StudyConfig, to_dict
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STUDY_FILE = "study.json"
+TUNING_MD = "tuning.md"
+
+
+class StudyError(Exception):
+    """A study that cannot go on; the message names the file or setting and the way out."""
+
+
+@dataclass
+class Phase:
+    """Jobs of one multirun: the fixed overrides, the swept key and its values, and where the jobs live."""
+
+    sweep_dir: Path
+    subdir: str  # hydra.sweep.subdir, an interpolation of the swept key (e.g. lr${optim.lr})
+    fixed: list[str]
+    key: str
+    values: list[str]
+    folders: dict[str, Path] = field(default_factory=dict)  # value -> job folder
+
+    def unfinished(self) -> list[str]:
+        return [v for v in self.values if not (self.folders[v] / records.SUMMARY_FILE).exists()]
+
+
+def compose(overrides: list[str], check_grid: bool = False) -> Config:
+    """The typed config of the command line (the recipe and its study section). `check_grid`: refuse a recipe
+    that also sweeps keys through hydra.sweeper.params (each phase's multirun would multiply its jobs by them)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from scaletrain.config import load_config, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=check_grid)
+        if check_grid:
+            params = OmegaConf.select(composed, "hydra.sweeper.params") or {}
+            if params:
+                raise ConfigError(
+                    f"hydra.sweeper.params: the recipe also sweeps {sorted(params)}; a study declares its arms in "
+                    "study.arms and its seeds in study.seeds (remove the sweep grid from the recipe)"
+                )
+            with open_dict(composed):
+                del composed["hydra"]
+        return load_config(composed)
+
+
+def fmt(value: float) -> str:
+    """A grid value as the command line and the job folder spell it (OmegaConf prints floats with repr)."""
+    return repr(float(value))
+
+
+def arm_order(study: StudyConfig) -> list[str]:
+    """Arms so that an arm comes after the arms it inherits tuned values from."""
+    done: list[str] = []
+    while len(done) < len(study.arms):
+        ready = [a for a, arm in study.arms.items() if a not in done and set(arm.inherit.values()) <= set(done)]
+        if not ready:
+            raise ConfigError(f"study.arms: inherit forms a cycle among {sorted(set(study.arms) - set(done))}")
+        done.append(ready[0])
+    return done
+
+
+@dataclass
+class Tuning:
+    key: str
+    best: float
+    results: dict[float, float | None]  # grid value -> final selection metric (None: the run has none)
+    edge: bool  # the best is still at an edge of the grid after study.max_widen widenings
+
+
+class Study:
+    def __init__(self, overrides: list[str], cfg: Config, root: Path, dry_run: bool = False):
+        assert cfg.study is not None
+        self.overrides, self.cfg, self.study, self.root, self.dry_run = overrides, cfg, cfg.study, root, dry_run
+        self.launched: list[list[str]] = []  # the multirun commands run (tests count them)
+
+    # ---- the frozen record
+
+    def freeze(self) -> None:
+        """Write study.json on the first invocation; refuse a re-issue with other settings."""
+        record = {"overrides": self.overrides, "study": to_dict(self.cfg)["study"], "experiment": self.cfg.experiment}
+        path = self.root / STUDY_FILE
+        if path.exists():
+            old = json.loads(path.read_text())
+            if {k: old.get(k) for k in record} != record:
+                raise StudyError(
+                    f"{path} was started with other settings (overrides {old.get('overrides')}, its study section); "
+                    f"re-issue that command to continue it, or set study.dir to a new folder"
+                )
+            return
+        if not self.dry_run:
+            self.root.mkdir(parents=True, exist_ok=True)
+            records.write_json(path, {**record, "jobs": {}})
+
+    def record_job_configs(self, phase: Phase) -> None:
+        """The expanded config of every job of `phase`, frozen into study.json (first seen wins)."""
+        path = self.root / STUDY_FILE
+        if self.dry_run or not path.exists():
+            return
+        data = json.loads(path.read_text())
+        for value, folder in phase.folders.items():
+            name = str(folder.relative_to(self.root))
+            if name not in data["jobs"]:
+                data["jobs"][name] = to_dict(compose([*self.base(), *phase.fixed, f"{phase.key}={value}"]))
+        records.write_json(path, data)
+
+    # ---- phases
+
+    def base(self) -> list[str]:
+        return [*self.overrides]
+
+    def launch(self, phase: Phase) -> None:
+        todo = phase.unfinished()
+        if not todo:
+            return
+        cmd = [
+            sys.executable, "-m", "scaletrain.run", "-m", *self.base(), *phase.fixed,
+            f"{phase.key}={','.join(todo)}", "train.resume=auto",
+            f"hydra.sweep.dir={phase.sweep_dir}", f"hydra.sweep.subdir={phase.subdir}",
+        ]  # fmt: skip
+        self.launched.append(cmd)
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        if self.dry_run:
+            return
+        self.record_job_configs(phase)
+        done = subprocess.run(cmd, check=False)
+        failed = [v for v in todo if not (phase.folders[v] / records.SUMMARY_FILE).exists()]
+        if failed:
+            raise StudyError(
+                f"{len(failed)} job(s) of {phase.sweep_dir} did not finish ({phase.key}={','.join(failed)}; exit code "
+                f"{done.returncode}): see their run.log and `python -m scaletrain.report {phase.sweep_dir}`; re-issue "
+                "the command to resume them"
+            )
+
+    def final(self, folder: Path, metric: str) -> float | None:
+        from scaletrain.report.collect import Job, JobStatus
+
+        try:
+            summary = records.read_summary(folder)
+        except (OSError, ValueError):
+            return None
+        return Job(folder, None, [], JobStatus.finished, summary=summary).value(metric) if summary else None
+
+    def tune(self, name: str, inherited: dict[str, float]) -> Tuning:
+        """The arm's best value of its tuned key and every grid point's selection metric."""
+        from scaletrain.report.collect import higher_is_better
+
+        arm = self.study.arms[name]
+        assert arm.tune is not None
+        grid = sorted(arm.grid)
+        spacing = min(b / a for a, b in zip(grid, grid[1:], strict=False))
+        sign = -1.0 if higher_is_better(self.study.select) else 1.0
+        fixed = [*arm.overrides, *(f"{k}={fmt(v)}" for k, v in inherited.items()), f"train.seed={self.study.tune_seed}"]
+        widened = 0
+        while True:
+            phase = self.phase(f"tune_{name}", arm.tune, [fmt(v) for v in grid], fixed, arm.tune.split(".")[-1])
+            self.launch(phase)
+            if self.dry_run and phase.unfinished():  # what it would choose is not known yet
+                return Tuning(arm.tune, grid[len(grid) // 2], {}, False)
+            results = {v: self.final(phase.folders[fmt(v)], self.study.select) for v in grid}
+            scored = {v: sign * r for v, r in results.items() if r is not None and math.isfinite(r)}
+            if not scored:
+                raise StudyError(f"no run of {self.root / f'tune_{name}'} has a finite {self.study.select}")
+            best = min(scored, key=scored.__getitem__)
+            edge = best in (grid[0], grid[-1])
+            if not edge or widened == self.study.max_widen:
+                return Tuning(arm.tune, best, results, edge)
+            grid = [grid[0] / spacing, *grid] if best == grid[0] else [*grid, grid[-1] * spacing]
+            widened += 1
+
+    def phase(self, folder: str, key: str, values: list[str], fixed: list[str], label: str) -> Phase:
+        sweep = self.root / folder
+        subdir = f"{label}${{{key}}}"
+        return Phase(sweep, subdir, fixed, key, values, {v: sweep / f"{label}{v}" for v in values})
+
+    def run(self) -> dict[str, dict[str, float]]:
+        """Tune, evaluate; returns each arm's tuned values."""
+        self.freeze()
+        tuned: dict[str, dict[str, float]] = {}
+        tuning: dict[str, Tuning] = {}
+        for name in arm_order(self.study):
+            arm = self.study.arms[name]
+            inherited = {key: tuned[src][key] for key, src in arm.inherit.items()}
+            tuned[name] = dict(inherited)
+            if arm.tune is not None:
+                tuning[name] = self.tune(name, inherited)
+                tuned[name][arm.tune] = tuning[name].best
+        for name in self.study.arms:
+            arm = self.study.arms[name]
+            values = [*arm.overrides, *(f"{k}={fmt(v)}" for k, v in tuned[name].items())]
+            seeds = [str(s) for s in self.study.seeds]
+            self.launch(self.phase("eval", "train.seed", seeds, values, f"{name}_s"))
+        if not self.dry_run:
+            write_tuning(self.root, self.study, tuned, tuning)
+        return tuned
+
+
+def write_tuning(root: Path, study: StudyConfig, tuned: dict, tuning: dict) -> Path:
+    """tuning.md: each tuned arm's grid with the selection metric per point and the choice, and a plot."""
+    lines = [f"# Tuning: {root.name}", "", f"Seed {study.tune_seed} (not an evaluation seed); every run fully decayed; "
+             f"chosen by the final {study.select}.", ""]  # fmt: skip
+    for name, t in tuning.items():
+        key, best, results = t.key, t.best, t.results
+        fixed = {k: v for k, v in tuned[name].items() if k != key}
+        lines += [
+            f"## {name}: {key}" + (f" (with {', '.join(f'{k}={v:g}' for k, v in fixed.items())})" if fixed else "")
+        ]
+        lines += ["", f"| {key} | {study.select} |", "|---|---|"]
+        for value in sorted(results):
+            r = results[value]
+            cell = "—" if r is None else f"{r:.4f}"
+            lines.append(f"| {value:g} | {'**' + cell + '** (chosen)' if value == best else cell} |")
+        if t.edge:
+            lines.append(
+                f"\nThe best {key} is at an edge of the grid after study.max_widen={study.max_widen} widenings: the "
+                "optimum may lie beyond it; widen the grid before trusting this arm's tuning."
+            )
+        lines.append("")
+    path = root / TUNING_MD
+    if tuning:
+        plot = _plot_tuning(root, study, tuning)
+        lines += [f"![tuning]({plot.name})", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot_tuning(root: Path, study: StudyConfig, tuning: dict) -> Path:
+    from matplotlib.figure import Figure
+
+    from scaletrain.report.plots import FIG_DPI, FIG_SIZE_IN
+
+    fig = Figure(figsize=FIG_SIZE_IN, dpi=FIG_DPI)
+    ax = fig.add_subplot()
+    for name, t in tuning.items():
+        xs = sorted(v for v, r in t.results.items() if r is not None)
+        ax.plot(xs, [t.results[x] for x in xs], marker="o", label=f"{name}: {t.key}")
+    ax.set_xscale("log")
+    ax.set(xlabel="tuned value", ylabel=f"final {study.select}", title=f"{root.name}: learning-rate tuning per arm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = root / "tuning.png"
+    fig.savefig(path)
+    return path
+
+
+def report(root: Path, study: StudyConfig, out: Path) -> list[Path]:
+    from scaletrain import report as rp
+
+    def arm_of(job: rp.Job) -> str | None:  # eval/<arm>_s<seed>
+        return job.dir.name.rsplit("_s", 1)[0] if job.dir is not None else None
+
+    r = rp.build_report(root / "eval", metrics=list(study.metrics), label_of=arm_of)
+    return rp.write_report(r, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scaletrain.study", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="experiment=<recipe> and any key=value of scaletrain.run")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the multirun commands still to run, run nothing (an arm not tuned yet shows its grid's middle)",
+    )
+    parser.add_argument("--out", help="where the report and per-seed results go (default: <study.dir>/report)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = compose(args.overrides, check_grid=True)
+        if cfg.study is None:
+            raise ConfigError(
+                f"experiment={cfg.experiment}: the recipe has no study: section (see conf/experiment/"
+                "reasoning_mixture.yaml); use `python -m scaletrain.run -m` for a plain sweep"
+            )
+        root = Path(cfg.study.dir).resolve()
+        study = Study(args.overrides, cfg, root, args.dry_run)
+        tuned = study.run()
+        if args.dry_run:
+            return 0
+        paths = report(root, cfg.study, Path(args.out) if args.out else root / "report")
+    except (ConfigError, StudyError) as err:
+        print(f"study error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # Hydra's compose errors name the key
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(err, HydraException | OmegaConfBaseException):
+            print(f"study error: {err}", file=sys.stderr)
+            return 2
+        raise
+    print("tuned: " + "; ".join(f"{a}: " + ", ".join(f"{k}={v:g}" for k, v in t.items()) for a, t in tuned.items()))
+    print(f"wrote {root / TUNING_MD}, " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

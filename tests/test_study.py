@@ -1,0 +1,178 @@
+"""The study command: recipe validation, the order arms tune in, the frozen record, and (slow) a whole study of
+tiny CPU jobs: tune -> evaluate -> report, a second invocation that runs nothing, a killed job resumed by
+re-issuing the command, and a re-issue with other settings refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from scaletrain import report as rp
+from scaletrain import study as st
+from scaletrain.config import ConfigError, StudyArmConfig, StudyConfig, load_config
+
+from .conftest import REPO, compose_cfg, read_metrics, tiny_overrides
+
+
+def arms(**extra) -> dict[str, StudyArmConfig]:
+    base = {
+        "adamw": StudyArmConfig(["optim=adamw"], "optim.lr", [1e-3, 2e-3, 4e-3, 8e-3]),
+        "muon": StudyArmConfig(["optim=muon"], "optim.muon.lr", [1e-3, 2e-3, 4e-3, 8e-3], {"optim.lr": "adamw"}),
+    }
+    return {**base, **extra}
+
+
+def test_a_valid_study_orders_arms_after_those_they_inherit_from():
+    study = StudyConfig(arms={"muon": arms()["muon"], "adamw": arms()["adamw"]})
+    assert st.arm_order(study) == ["adamw", "muon"]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"tune_seed": 1}, "study.tune_seed", "also an evaluation seed"),
+        ({"seeds": [1]}, "study.seeds", "at least 2 distinct seeds"),
+        ({"arms": {"a": arms()["adamw"]}}, "study.arms", "at least 2 arms"),
+        (
+            {"arms": arms(adamw=StudyArmConfig(["optim=adamw"], "optim.lr", [1e-3, 2e-3, 4e-3]))},
+            "study.arms.adamw.grid",
+            "has 3 points; a tuned arm needs at least study.min_grid=4",
+        ),
+        (
+            {"arms": arms(adamw=StudyArmConfig(["optim=adamw"], "optim.lr", [1e-3, 2e-3, 4e-3, 1e-2]))},
+            "study.arms.adamw.grid",
+            "more than study.max_spacing=2.0x apart",
+        ),
+        (
+            {"arms": arms(muon=StudyArmConfig(["optim=muon"], None, [], {"optim.lr": "sgd"}))},
+            "study.arms.muon.inherit.optim.lr",
+            "names arm 'sgd'",
+        ),
+        (
+            {"arms": arms(muon=StudyArmConfig(["optim=muon"], None, [], {"optim.muon.lr": "adamw"}))},
+            "study.arms.muon.inherit.optim.muon.lr",
+            "does not tune optim.muon.lr",
+        ),
+    ],
+)
+def test_a_study_that_cannot_give_a_fair_verdict_is_refused_naming_the_key(change, key, words):
+    with pytest.raises(ConfigError, match=rf"^{key}: .*{words}"):
+        StudyConfig(**{"arms": arms(), **change})
+
+
+def test_the_job_folder_spells_grid_values_as_hydra_does():
+    # the study finds a job at <sweep>/lr<fmt(v)>; Hydra names it from ${optim.lr}, OmegaConf's float text
+    for v in (1e-3, 2.5e-4, 6.25e-05, 1.6e-2, 0.1):
+        cfg = OmegaConf.create({"lr": v, "dir": "lr${lr}"})
+        assert f"lr{st.fmt(v)}" == cfg.dir
+
+
+def test_every_redo_recipe_is_a_valid_study():
+    for recipe in ("muon_vs_adamw", "dense_vs_moe", "reasoning_mixture"):
+        cfg = load_config(compose_cfg([f"experiment={recipe}"]))
+        assert cfg.study is not None and cfg.study.tune_seed not in cfg.study.seeds, recipe
+        assert all(a.tune is not None for a in cfg.study.arms.values()), recipe
+
+
+def test_dry_run_prints_every_phase_and_writes_nothing(tmp_path, capsys):
+    code = st.main(["experiment=muon_vs_adamw", "~local", f"study.dir={tmp_path / 's'}", "--dry-run"])
+    assert code == 0
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(out) == 4  # tune adamw, tune muon (at the middle of adamw's grid until it ran), eval x 2
+    assert "optim.lr=0.001,0.002,0.004,0.008" in out[0] and "train.seed=0" in out[0]
+    assert "optim=muon optim.lr=0.004 train.seed=0 optim.muon.lr=0.002,0.004,0.008,0.016" in out[1]
+    assert out[3].endswith(f"hydra.sweep.dir={tmp_path / 's' / 'eval'} hydra.sweep.subdir=muon_s${{train.seed}}")
+    assert "train.seed=1,2,3" in out[2] and not (tmp_path / "s").exists()
+
+
+def test_a_recipe_without_a_study_section_is_one_clear_error(capsys):
+    assert st.main(["experiment=quickstart", "~local"]) == 2
+    assert "study error: experiment=quickstart: the recipe has no study: section" in capsys.readouterr().err
+
+
+def test_a_reissue_with_other_settings_is_refused(tmp_path):
+    cfg = load_config(compose_cfg(["experiment=muon_vs_adamw"]))
+    st.Study(["experiment=muon_vs_adamw"], cfg, tmp_path).freeze()
+    other = load_config(compose_cfg(["experiment=muon_vs_adamw", "study.seeds=[1,2,4]"]))
+    with pytest.raises(st.StudyError, match="was started with other settings"):
+        st.Study(["experiment=muon_vs_adamw", "study.seeds=[1,2,4]"], other, tmp_path).freeze()
+    st.Study(["experiment=muon_vs_adamw"], cfg, tmp_path).freeze()  # the same command continues
+
+
+# ----------------------------------------------------------------------------------------------------
+# A whole study of tiny jobs
+
+
+def study_cmd(tinystories_dir, data_cache, root, *extra) -> list[str]:
+    overrides = tiny_overrides(tinystories_dir, data_cache)
+    return [
+        sys.executable, "-m", "scaletrain.study", "experiment=muon_vs_adamw", *overrides,
+        f"study.dir={root}", "train.max_steps=4", "train.eval_every=2", "train.ckpt_every=2",
+        "study.seeds=[1,2]", "study.max_widen=0", "study.min_grid=2",
+        "study.arms.adamw.grid=[0.004,0.008]", "study.arms.muon.grid=[0.002,0.004]", *extra,
+    ]  # fmt: skip
+
+
+def run(cmd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
+def launched(res) -> list[str]:
+    return [line for line in res.stdout.splitlines() if line.startswith("$ ")]
+
+
+@pytest.mark.slow
+def test_a_study_tunes_evaluates_reports_and_resumes_where_it_stopped(tinystories_dir, data_cache, tmp_path):
+    root = tmp_path / "study"
+    cmd = study_cmd(tinystories_dir, data_cache, root)
+    first = run(cmd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(launched(first)) == 4
+    tuning = (root / "tuning.md").read_text()
+    assert "## adamw: optim.lr" in tuning and "## muon: optim.muon.lr (with optim.lr=" in tuning
+    frozen = json.loads((root / st.STUDY_FILE).read_text())
+    assert len(frozen["jobs"]) == 8 and frozen["study"]["seeds"] == [1, 2]  # every job's expanded config
+    adamw_lr = frozen["jobs"]["eval/adamw_s1"]["optim"]["lr"]
+    assert frozen["jobs"]["eval/muon_s1"]["optim"]["lr"] == adamw_lr  # Muon's AdamW part at AdamW's best
+    r = rp.build_report(root / "report")  # rebuilt from the per-seed results the study wrote
+    assert r.from_results and [a.label for a in r.arms] == ["adamw", "muon"]
+    assert [sorted(j.seed for j in a.finished) for a in r.arms] == [["1", "2"], ["1", "2"]]
+    assert all(c.test is not None and c.test.test == "paired t" for c in r.comparisons)
+    assert rp.check_report(root / "report") == []
+    muon = r.arm("muon").finished[0].summary
+    assert muon is not None and muon.optimizer_flops and muon.cpu_s and r.arm("adamw").stat("optimizer_flops").mean == 0
+
+    again = run(cmd)  # everything finished: nothing runs again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert launched(again) == []
+
+    # a job killed after its step-2 checkpoint: no summary, no final weights, no later checkpoint
+    job = root / "eval" / "muon_s2"
+    expected = json.loads((job / "summary.json").read_text())["val_loss"]
+    for name in ("summary.json", "model.pt"):
+        (job / name).unlink()
+    for later in (job / "checkpoints").glob("step_*4*"):
+        shutil.rmtree(later) if later.is_dir() else later.unlink()
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (line,) = launched(resumed)
+    assert "optim=muon" in line and "train.seed=2 " in line
+    assert "at step 2" in (job / "run.log").read_text()
+    assert json.loads((job / "summary.json").read_text())["val_loss"] == expected  # exact resume
+    assert [r["step"] for r in read_metrics(job) if "val/loss" in r] == [2, 4]  # each evaluation once
+
+    changed = run([*cmd, "study.tune_seed=7"])
+    assert changed.returncode == 2 and "was started with other settings" in changed.stderr
+
+
+def test_a_study_recipe_that_also_sweeps_through_hydra_is_refused(capsys):
+    assert st.main(["experiment=moe_x_muon", "~local", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "hydra.sweeper.params: the recipe also sweeps ['model', 'optim', 'train.seed']" in err
