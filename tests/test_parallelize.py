@@ -227,19 +227,25 @@ def test_an_unknown_ac_mode_fails_naming_train_ac():
 
 # --- 2 gloo ranks ---------------------------------------------------------------------------------
 
-# Each rank builds the components for DDP, then for FSDP2, and rank 0 saves the gathered full state dicts.
-_INIT_SCRIPT = """\
-import os, sys
+# What every 2-rank script starts with: the process group, and random tokens to train on.
+_PREAMBLE = """\
+import json, os, sys
 sys.path.insert(0, os.getcwd())
 import numpy as np, torch
 from tests.conftest import compose_cfg
 from scaletrain import distributed
-from scaletrain.trainer import build
+from scaletrain.trainer import build, forward_backward
 
 out, overrides = sys.argv[1], sys.argv[2:]
 env = distributed.detect_env()
 distributed.init_process_group(env, torch.device("cpu"))
 tokens = np.random.default_rng(0).integers(0, 512, size=50_000).astype(np.uint16)
+"""
+
+# Each rank builds the components for DDP, then for FSDP2, and rank 0 saves the gathered full state dicts.
+_INIT_SCRIPT = (
+    _PREAMBLE
+    + """\
 states = {}
 for parallel in ("ddp", "fsdp"):
     c = build(compose_cfg([*overrides, f"train.parallel={parallel}"]), env, torch.device("cpu"), tokens)
@@ -248,6 +254,7 @@ if env.is_main:
     torch.save(states, out)
 distributed.destroy_process_group()
 """
+)
 
 
 @pytest.mark.slow
@@ -305,18 +312,9 @@ def test_fsdp2_with_full_or_selective_checkpointing_matches_ddp(tinystories_dir,
 
 # Rank 0 records, inside a forward of 2-rank FSDP2 with train.precision=bf16, the dtype of a block's weights
 # (a forward pre-hook on its attention), and after backward the dtypes of the sharded weights and gradients.
-_MP_SCRIPT = """\
-import json, os, sys
-sys.path.insert(0, os.getcwd())
-import numpy as np, torch
-from tests.conftest import compose_cfg
-from scaletrain import distributed
-from scaletrain.trainer import build, forward_backward
-
-out, overrides = sys.argv[1], sys.argv[2:]
-env = distributed.detect_env()
-distributed.init_process_group(env, torch.device("cpu"))
-tokens = np.random.default_rng(0).integers(0, 512, size=50_000).astype(np.uint16)
+_MP_SCRIPT = (
+    _PREAMBLE
+    + """\
 c = build(compose_cfg(overrides), env, torch.device("cpu"), tokens)
 seen = {}
 attn = c.model.blocks[0].attn
@@ -336,6 +334,7 @@ if env.is_main:
     json.dump(seen, open(out, "w"))
 distributed.destroy_process_group()
 """
+)
 
 
 def _bf16_matmul_works() -> bool:
