@@ -43,12 +43,9 @@ def test_split(data: PreparedData, cfg: Config, test_dir: Path, n_problems: int)
     Synthetic: the frozen test set of every kind at the source's difficulty (written once, then verified)."""
     import dataclasses
 
-    import numpy as np
-
     from scaletrain.config import SourceKind
     from scaletrain.data import EvalProblem, synthetic
-    from scaletrain.data.cache import TokenSplit
-    from scaletrain.data.common import EOT
+    from scaletrain.data.cache import token_split
 
     sources, skipped = {}, []
     for name, source in data.sources.items():
@@ -66,10 +63,7 @@ def test_split(data: PreparedData, cfg: Config, test_dir: Path, n_problems: int)
             problems += synthetic.frozen_test_set(
                 kind, level, n_problems, test_dir / synthetic.test_set_name(kind, level)
             )
-        texts = [synthetic.render(p, s.with_solution) for p in problems]
-        eot = data.tokenizer.encode(EOT)
-        ids = [i for ids in data.tokenizer.encode_batch(texts) for i in (*ids, *eot)]
-        split = TokenSplit(np.asarray(ids, dtype=np.int64), sum(len(t.encode()) for t in texts), len(texts))
+        split = token_split(data.tokenizer, [synthetic.render(p, s.with_solution) for p in problems])
         eval_problems = [EvalProblem(synthetic.prompt(p), p.answer) for p in problems]
         sources[name] = dataclasses.replace(source, val=split, problems=eval_problems)
     if not sources:

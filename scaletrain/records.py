@@ -6,7 +6,7 @@ more than one module reads, and `atomic_write`, the one way a record is written.
 spells a file name, state, field or key itself: it imports it from here, so a writer and a reader
 cannot disagree.
 Not here: what to log and when (trainer.py), checkpoint contents and formats (checkpoint.py), how a
-sweep's jobs are judged from these records (report.py). No torch import: the report reads records
+sweep's jobs are judged from these records (scaletrain/report/collect.py). No torch import: the report reads records
 without loading torch.
 
 A run directory holds:

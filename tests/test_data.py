@@ -457,3 +457,12 @@ def test_on_a_cuda_host_batches_are_pinned_and_equal_the_pageable_ones():
 def test_pinned_batches_without_cuda_are_refused_by_name():
     with pytest.raises(ValueError, match="pin_memory=True.*needs CUDA"):
         BatchLoader(TOKENS, batch_size=4, seq_len=10, seed=0, pin_memory=True)
+
+
+def test_an_in_memory_split_is_packed_as_the_cache_packs_one():
+    tok = Tokenizer.train_bpe(["the cat sat on the mat"] * 20, 300)
+    texts = ["the cat", "sat <|endoftext|> on"]  # a literal end-of-text in a document stays text
+    split = data.cache.token_split(tok, texts)
+    expected = [*tok.encode(texts[0]), tok.eot_id, *tok.encode(texts[1]), tok.eot_id]
+    assert split.tokens.tolist() == expected and int((split.tokens == tok.eot_id).sum()) == 2
+    assert (split.n_docs, split.n_bytes) == (2, len("the cat") + len("sat <|endoftext|> on"))

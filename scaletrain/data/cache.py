@@ -97,6 +97,14 @@ class _EncodeDocuments:
         }
 
 
+def token_split(tokenizer: Tokenizer, texts: list[str]) -> TokenSplit:
+    """A small split held in memory (e.g. a frozen test set), packed as the cache packs one: ids + eot per
+    document, and the documents' UTF-8 bytes for bits per byte."""
+    encoded = _EncodeDocuments(tokenizer)({"text": texts})
+    ids = np.fromiter((i for doc in encoded["ids"] for i in doc), dtype=np.int64)
+    return TokenSplit(ids, sum(encoded["n_bytes"]), len(texts))
+
+
 def _encode_split(
     ds: datasets.Dataset, tokenizer: Tokenizer, num_proc: int, arrow_file: Path, fingerprint: str
 ) -> datasets.Dataset:

@@ -79,6 +79,13 @@ class WindowOrder:
         self.epoch, self.pos = state["epoch"], state["pos"] * state.get("world_size", 1)
 
 
+def _check_rank(rank: int, world_size: int, pin_memory: bool) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
+    if pin_memory and not torch.cuda.is_available():
+        raise ValueError("pin_memory=True needs CUDA (page-locked memory is for host-to-GPU copies)")
+
+
 class BatchLoader:
     """This rank's rows of each global micro-batch of one stream's `WindowOrder` (see the module docstring):
     deterministic in (seed, epoch), the same global batches on any number of ranks, and resumable:
@@ -94,10 +101,7 @@ class BatchLoader:
         world_size: int = 1,
         pin_memory: bool = False,
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
-        if pin_memory and not torch.cuda.is_available():
-            raise ValueError("BatchLoader(pin_memory=True) needs CUDA (page-locked memory is for host-to-GPU copies)")
+        _check_rank(rank, world_size, pin_memory)
         # pinned batches let `.to("cuda", non_blocking=True)` return at once: the copy and the next batch's
         # gather overlap the GPU's work on the current step (the loop never syncs outside log steps)
         self.pin_memory = pin_memory
@@ -151,8 +155,7 @@ class MixtureLoader:
     ):
         if len(streams) != len(weights) or not streams:
             raise ValueError("MixtureLoader needs one weight per stream, and at least one stream")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
+        _check_rank(rank, world_size, pin_memory)
         total = float(sum(weights))
         self.weights = np.asarray(weights, dtype=np.float64) / total
         self.orders = [WindowOrder(len(tokens), seq_len, seed * 1_000_003 + i) for i, tokens in enumerate(streams)]

@@ -94,15 +94,11 @@ def comparisons(arms: Sequence[Arm], metric: Metric, baseline: str | None = None
     else:
         base = next(a for a in arms if a.label == baseline) if baseline else arms[0]
         out = [compare(a, base, metric) for a in arms if a is not base]
-    tested = [c for c in out if c.test is not None]
+    tested = [(c, c.test) for c in out if c.test is not None]
     if len(tested) > 1:
-        for c, p in zip(tested, stats.holm([c.test.p for c in tested if c.test]), strict=True):
-            assert c.test is not None
+        for (c, test), p in zip(tested, stats.holm([t.p for _, t in tested]), strict=True):
             c.p_holm = p
             note = f" ({c.missing})" if c.missing else ""
-            c.sentence = (
-                f"{c.arm} vs {c.baseline}: "
-                + stats.verdict(c.arm, c.baseline, c.metric.label, c.metric.higher_is_better, c.test, p)
-                + note
-            )
+            verdict = stats.verdict(c.arm, c.baseline, c.metric.label, c.metric.higher_is_better, test, p)
+            c.sentence = f"{c.arm} vs {c.baseline}: {verdict}{note}"
     return out
