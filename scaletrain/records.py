@@ -238,7 +238,12 @@ class Summary:
         """Unknown keys are ignored (a newer writer); a missing field is a ValueError naming it."""
         if not isinstance(d, dict):
             raise ValueError(f"a summary is a JSON object; got {type(d).__name__}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default_factory is dataclasses.MISSING]
+        # fields with a default (val, optimizer_flops, cpu_s) came later: a summary written before them still reads
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"summary lacks {missing}")

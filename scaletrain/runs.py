@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 
 from scaletrain import checkpoint as ckpt
 from scaletrain import records
-from scaletrain.config import Config, ConfigError, load_config, register_configs
+from scaletrain.config import Config, ConfigError, SourceConfig, load_config, register_configs
 from scaletrain.data import Tokenizer
 from scaletrain.model import Transformer
 
@@ -57,10 +57,12 @@ def config_of_run(run_dir: Path, overrides: list[str] | None = None) -> Config:
         base = compose(config_name="config", overrides=["~local", f"optim={saved['optim']['name']}", *choice])
     if choice:  # the chosen data option's section, as composed
         saved = {k: v for k, v in saved.items() if k != "data"}
-    else:  # the run's own sources only: drop the default option's others (the typed node stays)
+    else:  # the run's own sources exactly: drop the default option's others, add the run's (typed) by name
         with open_dict(base):
             for name in [n for n in base.data.sources if n not in saved["data"]["sources"]]:
                 del base.data.sources[name]
+            for name in [n for n in saved["data"]["sources"] if n not in base.data.sources]:
+                base.data.sources[name] = SourceConfig()  # a mixture's `reasoning`, a hub source's own name
     try:
         merged = OmegaConf.merge(base, saved, OmegaConf.from_dotlist(keys))
     except Exception as err:  # an unknown key or a wrong type: OmegaConf names the key

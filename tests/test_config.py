@@ -218,3 +218,25 @@ def test_cli_cfg_job_prints_the_resolved_config():
     res = run_cli("--cfg", "job", "model=tiny", "train.seed=7")
     assert res.returncode == 0
     assert "name: tiny" in res.stdout and "seed: 7" in res.stdout and "d_model: 128" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data=mixture"],  # tinystories + reasoning: a source the default data option does not have
+        ["data=synthetic_reasoning"],  # one source under another name
+        ["data=gsm8k", "data.sources.gsm8k.strip_calculator=false"],
+    ],
+)
+def test_a_run_folder_config_reads_back_exactly_whatever_its_sources_are_named(tmp_path, overrides):
+    """The eval/export commands rebuild a run's Config from its config.json: every source the run trained on,
+    with its settings, and none of the default option's others (study 003's mixture runs once failed here)."""
+    from scaletrain import records
+    from scaletrain.config import load_config, to_dict
+    from scaletrain.runs import config_of_run
+
+    cfg = load_config(compose_cfg(overrides))
+    records.write_json(tmp_path / records.CONFIG_FILE, to_dict(cfg))
+    assert config_of_run(tmp_path) == cfg
+    again = config_of_run(tmp_path, ["train.eval_problems=7"])
+    assert again.train.eval_problems == 7 and again.data == cfg.data

@@ -181,6 +181,16 @@ def test_a_summary_missing_a_field_is_an_error_naming_it_and_extra_keys_are_igno
         Summary.from_dict(d)
 
 
+def test_a_summary_written_before_the_later_fields_existed_reads_them_as_absent():
+    """optimizer_flops and cpu_s came after study 003's runs: their summaries must still load (as None)."""
+    d = a_summary().to_dict()
+    for later in ("optimizer_flops", "cpu_s", "val"):
+        del d[later]
+    s = Summary.from_dict(d)
+    assert (s.optimizer_flops, s.cpu_s, s.val) == (None, None, {})
+    assert s.val_loss == a_summary().val_loss
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint names: one listing for resume, rotation and the report
 
