@@ -23,6 +23,7 @@ import yaml
 
 from scaletrain import records
 from scaletrain import report as rp
+from scaletrain.report import render
 
 from .conftest import REPO
 
@@ -755,3 +756,20 @@ def test_equal_flops_reads_each_curve_at_the_cheapest_arms_total_including_optim
     assert c.sentence.startswith("b vs a: a is better: val/loss at equal flops (5.12e+09 FLOPs)")
     (tokens,) = at_equal_tokens(r, "val/loss")
     assert tokens.sentence.startswith("b vs a: b is better")  # the verdict flips once the optimizer's FLOPs count
+
+
+def test_rebuilding_a_committed_study_folder_uses_the_options_its_report_was_built_with(tmp_path, capsys):
+    """`python -m scaletrain.report <study folder>` with no options gives the committed verdicts back, the
+    target metric included; an extra --metric is added to them."""
+    sweep = two_arm_sweep(tmp_path / "sweep", {"adamw": [3.10, 3.12, 3.15], "muon": [2.80, 2.83, 2.84]})
+    out = tmp_path / "study"
+    rp.write_report(rp.build_report(sweep, now=NOW, metrics=["val/loss<=5.6"]), out, plots=False)
+    committed = render.verdict_lines((out / "report.md").read_text())
+    assert any(line.startswith("- muon vs adamw:") and "tokens to val/loss <= 5.6" in line for line in committed)
+    again = tmp_path / "again"
+    assert rp.main([str(out), "--out", str(again), "--no-plots"]) == 0
+    assert render.verdict_lines((again / "report.md").read_text()) == committed
+    assert rp.main([str(out), "--out", str(again), "--no-plots", "--metric", "val_bpb"]) == 0
+    extra = render.verdict_lines((again / "report.md").read_text())
+    assert set(committed) < set(extra) and any("val_bpb" in line for line in extra)
+    capsys.readouterr()

@@ -186,6 +186,15 @@ def write_report(
     return [md, *written, *data]
 
 
+def recorded_options(folder: Path) -> dict | None:
+    """The options a folder's report.md was built with, where the folder holds per-seed results and a report
+    written by this version (a run sweep's report is rebuilt from the command line alone)."""
+    report = folder / "report.md"
+    if not ((folder / RUNS_JSON).is_file() and report.is_file()):
+        return None
+    return render.read_options(report.read_text())
+
+
 def check_report(folder: str | Path) -> list[str]:
     """Problems found rebuilding `folder/report.md`'s verdicts from the per-seed results beside it (empty: the
     verdicts match the data)."""
@@ -246,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a sweep directory or --experiment NAME (one of the two)")
     try:
         sweep = Path(args.sweep_dir) if args.sweep_dir else find_latest_sweep(args.root, args.experiment)
-        report = build_report(sweep, args.baseline, args.stale_after_min * 60, metrics=args.metric)
+        baseline, metrics = args.baseline, list(args.metric)
+        recorded = recorded_options(sweep)
+        if recorded:  # a committed study folder: rebuilt with what it was built with, plus anything asked now
+            baseline = baseline or recorded.get("baseline")
+            metrics = [*recorded.get("metrics", []), *(m for m in metrics if m not in recorded.get("metrics", []))]
+        report = build_report(sweep, baseline, args.stale_after_min * 60, metrics=metrics)
     except (FileNotFoundError, ValueError) as err:
         print(f"report: {err}", file=sys.stderr)
         return 2
