@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         study = Study(args.overrides, cfg, root, args.dry_run)
         tuned = study.run()
         if args.dry_run:
+            if not study.launched:
+                print(f"nothing to run: every job of {root} finished; without --dry-run the report is written again")
             return 0
         paths = report(root, cfg.study, Path(args.out) if args.out else root / "report")
     except (ConfigError, StudyError) as err:

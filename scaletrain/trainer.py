@@ -316,13 +316,14 @@ class Trainer:
 
     def __init__(self, cfg: Config | DictConfig, run_dir: Path, run_name: str = "run"):
         cfg = load_config(cfg)
-        self.t_start, self.cpu_start = time.perf_counter(), time.process_time()
         self.cfg, self.tc, self.run_name = cfg, cfg.train, run_name
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.dist = distributed.detect_env()  # before pick_device: a submitit_local job may re-expose its GPUs
         device, self.run_dir = distributed.setup_rank(
             self.dist, hardware.pick_device(self.tc.device), Path(run_dir), cfg.cluster.parallel_jobs
         )
+        # the run's clocks start once it holds its slot: a sweep job queued behind others has not begun training
+        self.t_start, self.cpu_start = time.perf_counter(), time.process_time()
         if device.type == "cpu":
             log.info(hardware.configure_cpu_malloc(self.tc.cpu_malloc_cache))
         if self.dist.is_main:

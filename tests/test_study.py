@@ -152,6 +152,8 @@ def test_a_study_tunes_evaluates_reports_and_resumes_where_it_stopped(tinystorie
     again = run(cmd)  # everything finished: nothing runs again
     assert again.returncode == 0, again.stderr[-3000:]
     assert launched(again) == []
+    dry = run([*cmd, "--dry-run"])
+    assert dry.returncode == 0 and f"nothing to run: every job of {root} finished" in dry.stdout
 
     # a job killed after its step-2 checkpoint: no summary, no final weights, no later checkpoint
     job = root / "eval" / "muon_s2"

@@ -132,6 +132,28 @@ def test_resume_from_a_missing_path_names_the_key(tinystories_dir, data_cache, t
         train(compose_cfg(overrides), tmp_path / "run")
 
 
+def test_a_sweep_job_s_clocks_start_when_it_holds_its_slot_not_while_it_queues(
+    tinystories_dir, data_cache, tmp_path, monkeypatch
+):
+    """submitit_local jobs of a CPU sweep queue behind one lock; the wait is not training time (study 001b's
+    queued seeds once reported 2-3x their training time)."""
+    import time
+
+    from scaletrain import distributed
+    from scaletrain.trainer import Trainer
+
+    real, held = distributed.setup_rank, {}
+
+    def queued_setup_rank(*args, **kwargs):
+        out = real(*args, **kwargs)
+        held["wall"], held["cpu"] = time.perf_counter(), time.process_time()  # the slot is ours from here
+        return out
+
+    monkeypatch.setattr(distributed, "setup_rank", queued_setup_rank)
+    trainer = Trainer(compose_cfg(tiny_overrides(tinystories_dir, data_cache)), tmp_path / "run")
+    assert trainer.t_start >= held["wall"] and trainer.cpu_start >= held["cpu"]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tinystories_dir, data_cache, tmp_path):
     """2 x 4 sequences accumulated == 8 sequences at once (same windows, dropout off)."""
     base = {"train.max_steps": 3, "train.eval_every": 0, "train.ckpt_every": 0, "train.log_every": 1}
