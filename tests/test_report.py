@@ -758,7 +758,7 @@ def test_equal_flops_reads_each_curve_at_the_cheapest_arms_total_including_optim
     assert tokens.sentence.startswith("b vs a: b is better")  # the verdict flips once the optimizer's FLOPs count
 
 
-def test_rebuilding_a_committed_study_folder_uses_the_options_its_report_was_built_with(tmp_path, capsys):
+def test_rebuilding_a_committed_study_folder_uses_the_options_its_report_was_built_with(tmp_path):
     """`python -m scaletrain.report <study folder>` with no options gives the committed verdicts back, the
     target metric included; an extra --metric is added to them."""
     sweep = two_arm_sweep(tmp_path / "sweep", {"adamw": [3.10, 3.12, 3.15], "muon": [2.80, 2.83, 2.84]})
@@ -772,4 +772,3 @@ def test_rebuilding_a_committed_study_folder_uses_the_options_its_report_was_bui
     assert rp.main([str(out), "--out", str(again), "--no-plots", "--metric", "val_bpb"]) == 0
     extra = render.verdict_lines((again / "report.md").read_text())
     assert set(committed) < set(extra) and any("val_bpb" in line for line in extra)
-    capsys.readouterr()
