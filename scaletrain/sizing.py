@@ -111,12 +111,6 @@ def layer_and_outside_bytes(
     return layer, 4 * el["outside_fp32"] + mask_bytes * el["outside_mask"]
 
 
-def activation_bytes_per_token(cfg: Config, model: Transformer, act_bytes: int, mask_bytes: int = 1) -> float:
-    """All blocks and the rest: what a token costs without checkpointing."""
-    layer, outside = layer_and_outside_bytes(cfg, model, act_bytes, mask_bytes)
-    return cfg.model.n_layers * layer + outside
-
-
 def _mlp_hidden(activation: Activation, F: int) -> int:
     """Hidden-width tensors an MLP keeps: relu its output (also w_out's input); gelu its input and output;
     swiglu gate, silu(gate), up and their product."""
@@ -124,18 +118,65 @@ def _mlp_hidden(activation: Activation, F: int) -> int:
 
 
 def selective_bytes(cfg: Config, model: Transformer, act_bytes: int) -> float:
-    """Bytes kept per token per layer under selective checkpointing (torchtitan's op policy: keep matmul and
-    attention outputs, recompute norms, activation functions and elementwise ops): the block input (fp32
-    residual stream), q, k, v, the attention output and its logsumexp (fp32), the output projection's output,
-    the MLP's up (and gate) outputs and its down projection's output."""
+    """Bytes kept per token per layer (averaged over the layers) under selective checkpointing (torchtitan's op
+    policy: keep matmul and attention outputs, recompute norms, activation functions and elementwise ops): the
+    block input (fp32 residual stream), q, k, v, the attention output and its logsumexp (fp32), the output
+    projection's output, the MLP's up (and gate) outputs and its down projection's output. An MoE layer keeps
+    the up (and gate) outputs of its top_k routed and n_shared experts, one down projection output per routed
+    choice and shared expert (the weighted combine is recomputed), and its fp32 router logits."""
     m = cfg.model
     D, H = m.d_model, m.n_heads
     G, K = m.n_kv_heads or H, D // H
     e, n_moe = cfg.moe, len(moe_layers(model))
-    moe_F = (e.top_k + e.n_shared) * (e.d_expert or m.d_ff) if n_moe else m.d_ff
-    F = (m.d_ff * (m.n_layers - n_moe) + moe_F * n_moe) / m.n_layers
-    ups = 2 * F if m.activation == Activation.swiglu else F
-    return act_bytes * (D + 2 * G * K + D + D + ups + D) + 4 * (D + H)
+    up_per_unit = 2 if m.activation == Activation.swiglu else 1  # swiglu: gate and up projections
+
+    def mlp(width: int, downs: int) -> float:  # bytes the MLP keeps: up (and gate) outputs, down outputs
+        return act_bytes * (up_per_unit * width + downs * D)
+
+    dense_mlp = mlp(m.d_ff, 1)
+    moe_mlp = mlp((e.top_k + e.n_shared) * (e.d_expert or m.d_ff), e.top_k + e.n_shared) + 4 * e.n_experts
+    mlp_avg = (dense_mlp * (m.n_layers - n_moe) + moe_mlp * n_moe) / m.n_layers
+    return act_bytes * (D + 2 * G * K + D + D) + mlp_avg + 4 * (D + H)
+
+
+def backward_working_bytes(cfg: Config, model: Transformer) -> float:
+    """Gradient tensors the backward pass holds at once per token, on top of what the forward kept, bounded by
+    the larger of its two peaks: at the loss, the log-softmax's and the NLL's gradients over the vocabulary
+    (2V, fp32); in an MLP's backward, the hidden gradient before and after the activation's backward (2U, U the
+    widest hidden row: d_ff, x2 for SwiGLU's gate and up; an MoE's (top_k + n_shared) x d_expert) beside the
+    residual gradient and its branch copy (2D). Counted at 4 bytes (bf16 hidden gradients take 2): an upper
+    bound, checked against measured peaks in tests/test_sizing.py."""
+    m, e = cfg.model, cfg.moe
+    per_unit = 2 if m.activation == Activation.swiglu else 1
+    hidden = m.d_ff
+    if moe_layers(model):
+        hidden = max(hidden, (e.top_k + e.n_shared) * (e.d_expert or m.d_ff))
+    return 4 * max(2 * model.vocab_size, 2 * per_unit * hidden + 2 * m.d_model)
+
+
+def _kept_and_block(
+    cfg: Config, model: Transformer, ac: str, act_bytes: int, mask_bytes: int
+) -> tuple[float, float, float]:
+    """(bytes one block keeps under `ac`, one block's full set, bytes kept outside the blocks), per token."""
+    layer, outside = layer_and_outside_bytes(cfg, model, act_bytes, mask_bytes)
+    kept = {"none": layer, "selective": selective_bytes(cfg, model, act_bytes), "full": 4 * cfg.model.d_model}
+    return kept[ac], layer, outside
+
+
+def kept_bytes_per_token(cfg: Config, model: Transformer, ac: str, act_bytes: int, mask_bytes: int = 1) -> float:
+    """What the forward pass leaves for the backward per token under `train.ac` = `ac`: every block's set (none),
+    what the selective policy saves in each block, or each block's fp32 input (full); plus what lies outside
+    the blocks."""
+    kept, _, outside = _kept_and_block(cfg, model, ac, act_bytes, mask_bytes)
+    return cfg.model.n_layers * kept + outside
+
+
+def peak_bytes_per_token(cfg: Config, model: Transformer, ac: str, act_bytes: int, mask_bytes: int = 1) -> float:
+    """Activation memory's peak per token (an upper bound): what the forward kept, the rest of one block rebuilt
+    during its backward (checkpointing), and the backward's working gradients."""
+    kept, layer, outside = _kept_and_block(cfg, model, ac, act_bytes, mask_bytes)
+    rebuilt = max(0.0, layer - kept)
+    return cfg.model.n_layers * kept + outside + rebuilt + backward_working_bytes(cfg, model)
 
 
 @dataclass
@@ -180,16 +221,7 @@ def size(cfg: Config, gpus: int, gpu_mem_gb: float, micro_batch: int | None = No
     unit = max(sum(p.numel() for p in blk.parameters()) for blk in model.blocks)
     unit = max(unit, model.W_ue.weight.numel())  # the unsharded output projection is gathered whole too
     allgather = 2 * unit * (2 if a == 2 else 4) if fsdp else 0  # the unit being used and the next (prefetch)
-    L = cfg.model.n_layers
-    one_layer, outside = layer_and_outside_bytes(cfg, model, a)
-    sel = selective_bytes(cfg, model, a)
-    per_token = {
-        "none": L * one_layer + outside,
-        # kept: what the policy saves in every block; recomputed: the rest of one block during its backward
-        "selective": L * sel + max(0.0, one_layer - sel) + outside,
-        # kept: each block's input (fp32 residual stream); recomputed: one block's full set during its backward
-        "full": L * 4 * cfg.model.d_model + one_layer + outside,
-    }
+    per_token = {mode: peak_bytes_per_token(cfg, model, mode, a) for mode in AC_MODES}
     fixed = params + grads + optimizer + allgather
     acts = {mode: b * T * per_token[mode] for mode in AC_MODES}
     budget = gpu_mem_gb * GB * USABLE

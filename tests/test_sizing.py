@@ -1,6 +1,8 @@
-"""Sizing (scaletrain/sizing.py, docs/sizing.md): the analytic activation memory equals the bytes autograd
-really keeps (measured with saved-tensor hooks on CPU, fp32) for dense, Llama-shaped, dropout and MoE models;
-the per-GPU figures follow their formulas; the llama_7b dry run allocates no weights."""
+"""Sizing (scaletrain/sizing.py, docs/sizing.md): the analytic activation memory equals the bytes the forward pass
+leaves for the backward (measured on CPU, fp32, by tracking every tensor the ops create and which of them are
+still alive) for dense, Llama-shaped, dropout and MoE models under each activation-checkpointing mode; the peak
+during the backward stays under its bound; the per-GPU figures follow their formulas; the llama_7b dry run
+allocates no weights."""
 
 from __future__ import annotations
 
@@ -8,15 +10,26 @@ import json
 import math
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from scaletrain.config import load_config
+from scaletrain.config import ActivationCheckpointing, load_config
 from scaletrain.model import Transformer
 from scaletrain.muon import param_roles
-from scaletrain.sizing import GB, USABLE, activation_bytes_per_token, meta_model, size
+from scaletrain.parallelize import apply_block_forward
+from scaletrain.sizing import (
+    GB,
+    USABLE,
+    kept_bytes_per_token,
+    meta_model,
+    peak_bytes_per_token,
+    size,
+)
 
 from .conftest import REPO, compose_cfg
 
@@ -27,45 +40,102 @@ def _cfg(*overrides: str):
     return load_config(compose_cfg([*overrides, "~local", f"data.seq_len={T}", f"data.tokenizer.vocab_size={V}"]))
 
 
-def measured_bytes_per_token(cfg) -> float:
-    """Bytes autograd keeps for backward per token: the saved tensors' distinct storages (parameters and
-    buffers excluded), at batch 4 minus batch 2, so everything that does not scale with tokens cancels."""
+class StorageTimeline(TorchDispatchMode):
+    """Every storage an op creates (parameters, buffers and empty ones aside), with when it appears and when the
+    last tensor on it dies (a weakref callback: torch keeps a tensor's Python object alive while autograd or
+    checkpointing still holds it), as (bytes, storage id) events: +bytes at birth, -bytes at death."""
+
+    def __init__(self, fixed: set[int]):
+        super().__init__()
+        self.fixed, self.events, self.refs = fixed, [], []
+        self.live: dict[int, list[int]] = {}  # data_ptr -> [storage id, bytes, tensors alive]
+
+    def _dead(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[2] -= 1
+        if entry[2] == 0:
+            self.events.append((-entry[1], entry[0]))
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in self.fixed or storage.nbytes() == 0:
+                continue
+            if ptr not in self.live:
+                self.live[ptr] = [len(self.events), storage.nbytes(), 0]
+                self.events.append((storage.nbytes(), len(self.events)))
+            self.live[ptr][2] += 1
+            self.refs.append(weakref.ref(t, lambda _, ptr=ptr: self._dead(ptr)))
+        return out
+
+    def live_bytes(self, exclude: set[int]) -> tuple[int, int]:
+        """(bytes alive at the end of the events so far, their peak), storages in `exclude` left out."""
+        live = peak = 0
+        for nbytes, sid in self.events:
+            if sid not in exclude:
+                live += nbytes
+                peak = max(peak, live)
+        return live, peak
+
+
+def measured_bytes_per_token(cfg, ac: ActivationCheckpointing) -> tuple[float, float]:
+    """(bytes alive when the forward pass ends, peak bytes during forward + backward) per token: batch 4 minus
+    batch 2, so everything that does not scale with tokens (the parameters' gradients among them) cancels; and the
+    parameters' gradients are left out of the peak, which they would otherwise shift."""
     torch.manual_seed(0)
     model = Transformer(cfg.model, V, T, cfg.moe).train()
+    for block in model.blocks:
+        apply_block_forward(block, ac, compile=False)  # scaletrain/parallelize.py's checkpointing
     fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
-    def saved(batch: int) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in fixed:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
+    def measure(batch: int) -> tuple[int, int]:
+        model.zero_grad(set_to_none=True)
         x = torch.randint(0, V, (batch, T))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            F.cross_entropy(model(x).logits.float().flatten(0, 1), x.flatten())
-        return sum(seen.values())
+        timeline = StorageTimeline(fixed)
+        with timeline:
+            loss = F.cross_entropy(model(x).logits.float().flatten(0, 1), x.flatten())
+            kept, _ = timeline.live_bytes(set())
+            loss.backward()
+            del loss
+        grads = [p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None]
+        grad_ids = {timeline.live[ptr][0] for ptr in grads}
+        return kept, timeline.live_bytes(grad_ids)[1]
 
-    return (saved(4) - saved(2)) / (2 * T)
+    (kept4, peak4), (kept2, peak2) = measure(4), measure(2)
+    return (kept4 - kept2) / (2 * T), (peak4 - peak2) / (2 * T)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["model=baseline_10m", "model.dropout=0.1"],  # the seed: LayerNorm, ReLU, W_e, dropout masks
-        ["model=tiny", "model.activation=gelu", "model.dropout=0.1"],
-        ["model=tiny", "model.norm=rmsnorm", "model.activation=swiglu", "model.n_kv_heads=2", "model.embed_proj=false"],
-        ["model=tiny", "moe=top2_8e"],
-        ["model=tiny", "moe=fine_64e_top6_shared1"],
+MODELS = {
+    "baseline": ["model=baseline_10m", "model.dropout=0.1"],  # the seed: LayerNorm, ReLU, W_e, dropout masks
+    "gelu": ["model=tiny", "model.activation=gelu", "model.dropout=0.1"],
+    "llama_shaped": [
+        "model=tiny",
+        "model.norm=rmsnorm",
+        "model.activation=swiglu",
+        "model.n_kv_heads=2",
+        "model.embed_proj=false",
     ],
-    ids=["baseline", "gelu", "llama_shaped", "moe_top2", "moe_fine_shared"],
-)
-def test_the_activation_formula_equals_what_autograd_keeps_on_cpu(overrides):
-    cfg = _cfg(*overrides)
-    # fp32 activations (4 bytes) and scaletrain's CPU dropout, which keeps a scaled fp32 mask (4 bytes)
-    predicted = activation_bytes_per_token(cfg, meta_model(cfg), act_bytes=4, mask_bytes=4)
-    assert predicted == measured_bytes_per_token(cfg)
+    "moe_top2": ["model=tiny", "moe=top2_8e"],
+    "moe_fine_shared": ["model=tiny", "moe=fine_64e_top6_shared1"],
+}
+
+
+@pytest.mark.parametrize("ac", list(ActivationCheckpointing), ids=str)
+@pytest.mark.parametrize("model", MODELS)
+def test_the_activation_formulas_equal_what_the_forward_keeps_and_bound_the_peak(model, ac):
+    cfg = _cfg(*MODELS[model])
+    meta = meta_model(cfg)
+    kept, peak = measured_bytes_per_token(cfg, ac)
+    # fp32 activations (4 bytes) and scaletrain's CPU dropout, which keeps a scaled fp32 mask (4 bytes): exact
+    assert kept == kept_bytes_per_token(cfg, meta, str(ac), act_bytes=4, mask_bytes=4)
+    # the peak: above what was kept (the backward's gradients come on top), at most the bound (kept + one
+    # rebuilt block + the working gradients)
+    assert kept < peak <= peak_bytes_per_token(cfg, meta, str(ac), act_bytes=4, mask_bytes=4)
 
 
 @pytest.mark.parametrize("parallel,optim", [("fsdp", "adamw"), ("ddp", "adamw"), ("fsdp", "muon")])
