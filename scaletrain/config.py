@@ -703,6 +703,14 @@ class ClusterConfig:
 
 
 # ---------------------------------------------------------------- study (python -m scaletrain.study)
+class StudyMatch(StrEnum):
+    """study.match: the budget every arm gets, as train.max_steps per arm (each run fully decayed at its length)."""
+
+    tokens = "tokens"  # the recipe's train.max_steps for every arm: the same tokens in the same order
+    flops = "flops"  # each arm's steps x (model + optimizer FLOPs per step) = the reference arm's
+    time = "time"  # each arm's steps x (its measured seconds per step) = the reference arm's (a short pace run)
+
+
 @dataclass
 class StudyArmConfig:
     """One arm of a study: the overrides that make it, and optionally the key tuned on the study's grid."""
@@ -729,6 +737,9 @@ class StudyConfig:
     max_spacing: float = 2.0  # ... at most this ratio apart
     dir: str = "studies/${experiment}"  # the study folder (resolved against the working directory)
     expected_minutes: float | None = None  # the recipe's wall-time estimate (measured with scaletrain.bench)
+    match: StudyMatch = StudyMatch.tokens  # what the arms are given equally (the others are reported beside it)
+    reference: str | None = None  # the arm that trains the recipe's train.max_steps (default: the first arm)
+    pace_steps: int = 30  # match=time: steps of each arm's pace run (seconds per step: the median after the first)
 
     def __post_init__(self) -> None:
         _check(bool(self.arms) and len(self.arms) >= 2, "study.arms", "a study needs at least 2 arms")
@@ -744,8 +755,21 @@ class StudyConfig:
             f"needs at least 2 distinct seeds, got {self.seeds}",
         )
         _check(self.max_spacing > 1.0, "study.max_spacing", f"must be > 1, got {self.max_spacing}")
+        _check(
+            self.reference is None or self.reference in self.arms,
+            "study.reference",
+            f"names arm {self.reference!r}; expected one of {sorted(self.arms)}",
+        )
+        _check(self.pace_steps >= 5, "study.pace_steps", f"must be >= 5 (a median over steps), got {self.pace_steps}")
         for name, arm in self.arms.items():
             key = f"study.arms.{name}"
+            budget = [o for o in arm.overrides if o.partition("=")[0].lstrip("+~") == "train.max_steps"]
+            _check(
+                not budget or self.match == StudyMatch.tokens,
+                f"{key}.overrides",
+                f"{budget[0] if budget else ''} sets the arm's length, which study.match={self.match} derives; "
+                "remove it or use study.match=tokens",
+            )
             if arm.tune is None:
                 _check(not arm.grid, f"{key}.grid", "given without study.arms.<arm>.tune (the key it sweeps)")
             else:

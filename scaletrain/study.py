@@ -8,6 +8,11 @@ overrides that make each), the key each arm tunes and its grid, which tuned valu
 (Muon's AdamW part at the AdamW arm's best lr), the tuning seed, the evaluation seeds, the selection metric and the
 report's extra metrics. Phases, each a Hydra multirun of `python -m scaletrain.run` (so any launcher works:
 `cluster=slurm` etc. pass through):
+  0. budget `study.match`: tokens gives every arm the recipe's train.max_steps; flops gives each arm the steps whose
+            model + optimizer FLOPs equal the reference arm's (`study.reference`, default the first arm); time
+            first runs each arm for `study.pace_steps` on the launcher's hardware and gives each arm the steps
+            whose measured seconds equal the reference arm's. Every arm is then tuned and evaluated at its own
+            length, each run fully decayed (the budget is frozen into study.json);
   1. tune   per arm (in inheritance order): its grid on `study.tune_seed`, every run fully decayed, chosen by the
             final value of `study.select`; a best point at an edge of the grid adds the next point past it
             (`study.max_widen` times at most);
@@ -22,15 +27,18 @@ overrides, the study section, the expanded config of every job); a later one wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import math
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaletrain import records
-from scaletrain.config import Config, ConfigError, StudyConfig, to_dict
+from scaletrain.config import Config, ConfigError, StudyConfig, StudyMatch, to_dict
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STUDY_FILE = "study.json"
@@ -85,6 +93,28 @@ def fmt(value: float) -> str:
     return repr(float(value))
 
 
+def _study_defaults() -> dict[str, object]:
+    """StudyConfig's settings that have a plain default, as study.json spells them."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(StudyConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = str(f.default) if isinstance(f.default, enum.Enum) else f.default
+    return out
+
+
+def flops_per_step(cfg: Config) -> float:
+    """Training FLOPs of one optimizer step: the model's (MoE: active parameters only) over the step's tokens,
+    plus the optimizer's own (Muon's Newton-Schulz iterations), as the trainer counts them."""
+    from scaletrain.muon import newton_schulz_flops
+    from scaletrain.sizing import meta_model
+
+    model = meta_model(cfg)
+    tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    muon = getattr(cfg.optim, "muon", None)
+    optimizer = newton_schulz_flops(model, muon.ns_steps) if muon else 0.0
+    return model.flops_per_token(cfg.data.seq_len) * tokens + optimizer
+
+
 def arm_order(study: StudyConfig) -> list[str]:
     """Arms so that an arm comes after the arms it inherits tuned values from."""
     done: list[str] = []
@@ -118,7 +148,10 @@ class Study:
         path = self.root / STUDY_FILE
         if path.exists():
             old = json.loads(path.read_text())
-            if {k: old.get(k) for k in record} != record:
+            old_study = old.get("study")
+            if isinstance(old_study, dict):  # a setting added since that study began counts at its default
+                old_study = {**{k: v for k, v in _study_defaults().items() if k not in old_study}, **old_study}
+            if {**{k: old.get(k) for k in record}, "study": old_study} != record:
                 raise StudyError(
                     f"{path} was started with other settings (overrides {old.get('overrides')}, its study section); "
                     f"re-issue that command to continue it, or set study.dir to a new folder"
@@ -139,6 +172,72 @@ class Study:
             if name not in data["jobs"]:
                 data["jobs"][name] = to_dict(compose([*self.base(), *phase.fixed, f"{phase.key}={value}"]))
         records.write_json(path, data)
+
+    # ---- the budget (study.match)
+
+    def reference(self) -> str:
+        return self.study.reference or next(iter(self.study.arms))
+
+    def budget(self) -> dict[str, int]:
+        """train.max_steps per arm under study.match (empty for tokens: the recipe's for every arm), frozen into
+        study.json with the per-step cost it came from. match=time runs the pace jobs first."""
+        if self.study.match == StudyMatch.tokens:
+            return {}
+        if self.study.match == StudyMatch.flops:
+            arms = self.study.arms.items()
+            cost = {name: flops_per_step(compose([*self.base(), *arm.overrides])) for name, arm in arms}
+            unit = "FLOPs"
+        else:
+            cost = self.pace()
+            if cost is None:  # --dry-run before the pace jobs ran
+                return {}
+            unit = "s"
+        ref = self.reference()
+        ref_steps = compose([*self.base(), *self.study.arms[ref].overrides]).train.max_steps
+        steps = {name: max(1, round(ref_steps * cost[ref] / c)) for name, c in cost.items()}
+        self.record("budget", {"match": str(self.study.match), "reference": ref, "unit": f"{unit} per step",
+                               "per_step": cost, "steps": steps})  # fmt: skip
+        return steps
+
+    def pace(self) -> dict[str, float] | None:
+        """Seconds per optimizer step of each arm: a `study.pace_steps` run on the tuning seed through the same
+        launcher as the study's jobs, logging every step; the median step after the first (which pays for
+        start-up and compilation)."""
+        out: dict[str, float] = {}
+        for name, arm in self.study.arms.items():
+            fixed = [*arm.overrides, f"train.max_steps={self.study.pace_steps}", "train.log_every=1"]
+            phase = self.phase("pace", "train.seed", [str(self.study.tune_seed)], fixed, f"{name}_s")
+            self.launch(phase)
+            if self.dry_run and phase.unfinished():
+                return None
+            folder = phase.folders[str(self.study.tune_seed)]
+            from scaletrain.report.collect import read_metrics
+
+            times = [
+                r[records.PERF_STEP_S]
+                for r in read_metrics(folder / records.METRICS_FILE)
+                if isinstance(r.get(records.PERF_STEP_S), int | float) and r.get(records.STEP, 0) > 1
+            ]
+            if not times:
+                raise StudyError(f"{folder / records.METRICS_FILE}: no step times after step 1 to pace arm {name}")
+            out[name] = statistics.median(times)
+        return out
+
+    def record(self, key: str, value: object) -> None:
+        """`value` into study.json under `key` (first written wins: a re-issue keeps the frozen budget)."""
+        path = self.root / STUDY_FILE
+        if self.dry_run or not path.exists():
+            return
+        data = json.loads(path.read_text())
+        data.setdefault(key, value)
+        records.write_json(path, data)
+
+    def arm_overrides(self, name: str, steps: dict[str, int]) -> list[str]:
+        """The arm's overrides, with its budget (train.max_steps) unless it is the reference arm."""
+        own = list(self.study.arms[name].overrides)
+        if name in steps and name != self.reference():
+            own.append(f"train.max_steps={steps[name]}")
+        return own
 
     # ---- phases
 
@@ -177,8 +276,9 @@ class Study:
             return None
         return Job(folder, None, [], JobStatus.finished, summary=summary).value(metric) if summary else None
 
-    def tune(self, name: str, inherited: dict[str, float]) -> Tuning:
-        """The arm's best value of its tuned key and every grid point's selection metric."""
+    def tune(self, name: str, inherited: dict[str, float], own: list[str]) -> Tuning:
+        """The arm's best value of its tuned key and every grid point's selection metric (`own`: the arm's
+        overrides, its budget included)."""
         from scaletrain.report.collect import higher_is_better
 
         arm = self.study.arms[name]
@@ -186,7 +286,7 @@ class Study:
         grid = sorted(arm.grid)
         spacing = min(b / a for a, b in zip(grid, grid[1:], strict=False))
         sign = -1.0 if higher_is_better(self.study.select) else 1.0
-        fixed = [*arm.overrides, *(f"{k}={fmt(v)}" for k, v in inherited.items()), f"train.seed={self.study.tune_seed}"]
+        fixed = [*own, *(f"{k}={fmt(v)}" for k, v in inherited.items()), f"train.seed={self.study.tune_seed}"]
         widened = 0
         while True:
             phase = self.phase(f"tune_{name}", arm.tune, [fmt(v) for v in grid], fixed, arm.tune.split(".")[-1])
@@ -210,8 +310,11 @@ class Study:
         return Phase(sweep, subdir, fixed, key, values, {v: sweep / f"{label}{v}" for v in values})
 
     def run(self) -> dict[str, dict[str, float]]:
-        """Tune, evaluate; returns each arm's tuned values."""
+        """Budget, tune, evaluate; returns each arm's tuned values."""
         self.freeze()
+        steps = self.budget()
+        if self.dry_run and self.study.match == StudyMatch.time and not steps:
+            print("(the arms' lengths follow from the pace runs: the commands below show the recipe's train.max_steps)")
         tuned: dict[str, dict[str, float]] = {}
         tuning: dict[str, Tuning] = {}
         for name in arm_order(self.study):
@@ -219,22 +322,32 @@ class Study:
             inherited = {key: tuned[src][key] for key, src in arm.inherit.items()}
             tuned[name] = dict(inherited)
             if arm.tune is not None:
-                tuning[name] = self.tune(name, inherited)
+                tuning[name] = self.tune(name, inherited, self.arm_overrides(name, steps))
                 tuned[name][arm.tune] = tuning[name].best
         for name in self.study.arms:
-            arm = self.study.arms[name]
-            values = [*arm.overrides, *(f"{k}={fmt(v)}" for k, v in tuned[name].items())]
+            values = [*self.arm_overrides(name, steps), *(f"{k}={fmt(v)}" for k, v in tuned[name].items())]
             seeds = [str(s) for s in self.study.seeds]
             self.launch(self.phase("eval", "train.seed", seeds, values, f"{name}_s"))
         if not self.dry_run:
-            write_tuning(self.root, self.study, tuned, tuning)
+            budget = json.loads((self.root / STUDY_FILE).read_text()).get("budget")
+            write_tuning(self.root, self.study, tuned, tuning, budget)
         return tuned
 
 
-def write_tuning(root: Path, study: StudyConfig, tuned: dict, tuning: dict) -> Path:
-    """tuning.md: each tuned arm's grid with the selection metric per point and the choice, and a plot."""
+def write_tuning(root: Path, study: StudyConfig, tuned: dict, tuning: dict, budget: dict | None = None) -> Path:
+    """tuning.md: the budget (study.match), each tuned arm's grid with the selection metric per point and the
+    choice, and a plot."""
     lines = [f"# Tuning: {root.name}", "", f"Seed {study.tune_seed} (not an evaluation seed); every run fully decayed; "
              f"chosen by the final {study.select}.", ""]  # fmt: skip
+    if budget:
+        lines += [
+            f"## Budget: equal {budget['match']} (reference arm: {budget['reference']})",
+            "",
+            f"| arm | {budget['unit']} | train.max_steps |",
+            "|---|---|---|",
+            *(f"| {a} | {budget['per_step'][a]:.4g} | {budget['steps'][a]} |" for a in budget["steps"]),
+            "",
+        ]
     for name, t in tuning.items():
         key, best, results = t.key, t.best, t.results
         fixed = {k: v for k, v in tuned[name].items() if k != key}

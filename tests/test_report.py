@@ -256,6 +256,20 @@ def test_arms_on_the_same_seeds_are_compared_paired_and_the_better_arm_named(tmp
     assert f"- {c.sentence}" in r.markdown()
 
 
+def test_arms_of_different_lengths_are_said_to_compare_each_at_the_end_of_its_own_run(tmp_path):
+    """A study matched in FLOPs or time gives the arms different steps: the final values are then not 'at equal
+    tokens', and the report says what they are."""
+    same = rp.build_report(two_arm_sweep(tmp_path / "same", {"a": [3.0, 3.1], "b": [2.9, 3.0]}), now=NOW)
+    assert "Every arm sees the same tokens" in same.markdown()
+    for seed in (1, 2):
+        write_job(tmp_path / "diff", 2 * seed - 2, ["model=a", f"train.seed={seed}"], 3.0 + seed / 10)
+        curve = [(5, 6.0), (8, 5.6)]  # the slower arm: 8 steps in the time the other takes 10
+        write_job(tmp_path / "diff", 2 * seed - 1, ["model=b", f"train.seed={seed}"], 2.9 + seed / 10, curve=curve)
+    text = rp.build_report(tmp_path / "diff", now=NOW).markdown()
+    assert "Every arm sees the same tokens" not in text
+    assert "the final values compare each arm at the end of its own fully decayed run" in text
+
+
 def test_arms_on_different_seeds_fall_back_to_welch(tmp_path):
     for num, (name, seed, loss) in enumerate([("a", 1, 3.0), ("a", 2, 3.1), ("b", 3, 2.5), ("b", 4, 2.7)]):
         write_job(tmp_path, num, [f"model={name}", f"train.seed={seed}"], loss)

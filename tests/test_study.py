@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from omegaconf import OmegaConf
 from scaletrain import report as rp
 from scaletrain import study as st
 from scaletrain.config import ConfigError, StudyArmConfig, StudyConfig, load_config
+from scaletrain.muon import newton_schulz_flops
+from scaletrain.sizing import meta_model
 
 from .conftest import REPO, compose_cfg, read_metrics, tiny_overrides
 
@@ -59,6 +62,13 @@ def test_a_valid_study_orders_arms_after_those_they_inherit_from():
             "study.arms.muon.inherit.optim.muon.lr",
             "does not tune optim.muon.lr",
         ),
+        ({"reference": "sgd"}, "study.reference", "names arm 'sgd'"),
+        ({"pace_steps": 3}, "study.pace_steps", "must be >= 5"),
+        (
+            {"match": "flops", "arms": arms(adamw=StudyArmConfig(["optim=adamw", "train.max_steps=10"]))},
+            "study.arms.adamw.overrides",
+            "train.max_steps=10 sets the arm's length, which study.match=flops derives",
+        ),
     ],
 )
 def test_a_study_that_cannot_give_a_fair_verdict_is_refused_naming_the_key(change, key, words):
@@ -89,6 +99,47 @@ def test_dry_run_prints_every_phase_and_writes_nothing(tmp_path, capsys):
     assert "optim=muon optim.lr=0.004 train.seed=0 optim.muon.lr=0.002,0.004,0.008,0.016" in out[1]
     assert out[3].endswith(f"hydra.sweep.dir={tmp_path / 's' / 'eval'} hydra.sweep.subdir=muon_s${{train.seed}}")
     assert "train.seed=1,2,3" in out[2] and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("recipe", ["muon_vs_adamw", "dense_vs_moe"])
+def test_equal_flops_gives_each_arm_the_steps_of_the_reference_arms_flops(recipe, tmp_path, capsys):
+    """study.match=flops: every arm but the first trains round(steps x F_first / F_arm) steps, F the model's
+    FLOPs over a step's tokens plus Muon's Newton-Schulz FLOPs (the trainer's own accounting, summary.json)."""
+    base = [f"experiment={recipe}", "~local"]
+    cfg = load_config(compose_cfg(base))
+    assert cfg.study is not None
+    first, other = list(cfg.study.arms)
+    per_step = {}
+    for name in (first, other):
+        arm_cfg = load_config(compose_cfg([*base, *cfg.study.arms[name].overrides]))
+        model = meta_model(arm_cfg)
+        muon = getattr(arm_cfg.optim, "muon", None)
+        tokens = arm_cfg.train.batch_size * arm_cfg.data.seq_len
+        per_step[name] = model.flops_per_token(arm_cfg.data.seq_len) * tokens + (
+            newton_schulz_flops(model, muon.ns_steps) if muon else 0.0
+        )
+    expected = round(cfg.train.max_steps * per_step[first] / per_step[other])
+    assert expected < cfg.train.max_steps  # Muon's Newton-Schulz, the MoE's router: the second arm costs more
+    code = st.main([*base, "study.match=flops", f"study.dir={tmp_path / 's'}", "--dry-run"])
+    assert code == 0
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert all("train.max_steps" not in line for line in out if f"{first}_s" in line or f"tune_{first}" in line)
+    theirs = [line for line in out if f"{other}_s" in line or f"tune_{other}" in line]
+    assert len(theirs) == 2 and all(f" train.max_steps={expected} " in line for line in theirs)
+
+
+def test_a_study_begun_before_a_setting_existed_continues_at_its_default(tmp_path):
+    cfg = load_config(compose_cfg(["experiment=muon_vs_adamw"]))
+    st.Study(["experiment=muon_vs_adamw"], cfg, tmp_path).freeze()
+    path = tmp_path / st.STUDY_FILE
+    old = json.loads(path.read_text())
+    for key in ("match", "reference", "pace_steps"):  # settings added after the first studies began
+        del old["study"][key]
+    path.write_text(json.dumps(old))
+    st.Study(["experiment=muon_vs_adamw"], cfg, tmp_path).freeze()
+    flops = load_config(compose_cfg(["experiment=muon_vs_adamw", "study.match=flops"]))
+    with pytest.raises(st.StudyError, match="was started with other settings"):
+        st.Study(["experiment=muon_vs_adamw", "study.match=flops"], flops, tmp_path).freeze()
 
 
 def test_a_recipe_without_a_study_section_is_one_clear_error(capsys):
@@ -172,6 +223,35 @@ def test_a_study_tunes_evaluates_reports_and_resumes_where_it_stopped(tinystorie
 
     changed = run([*cmd, "study.tune_seed=7"])
     assert changed.returncode == 2 and "was started with other settings" in changed.stderr
+
+
+@pytest.mark.slow
+def test_a_study_matched_in_time_paces_each_arm_and_trains_it_for_the_reference_arms_seconds(
+    tinystories_dir, data_cache, tmp_path
+):
+    root = tmp_path / "study"
+    cmd = study_cmd(tinystories_dir, data_cache, root, "study.match=time", "study.pace_steps=6", "train.max_steps=6")
+    first = run(cmd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    budget = json.loads((root / st.STUDY_FILE).read_text())["budget"]
+    assert budget["match"] == "time" and budget["reference"] == "adamw"
+    for arm in ("adamw", "muon"):  # the median seconds per step after the first, from each pace run's log
+        steps = [r for r in read_metrics(root / "pace" / f"{arm}_s0") if "perf/step_s" in r]
+        assert [r["step"] for r in steps] == list(range(1, 7))  # train.log_every=1
+        assert budget["per_step"][arm] == statistics.median(r["perf/step_s"] for r in steps[1:])
+    t = budget["per_step"]
+    muon_steps = max(1, round(6 * t["adamw"] / t["muon"]))
+    assert budget["steps"] == {"adamw": 6, "muon": muon_steps}
+    for job in ("eval/adamw_s1", "tune_muon/lr0.002"):
+        arm_steps = 6 if "adamw" in job else muon_steps
+        assert json.loads((root / job / "summary.json").read_text())["step"] == arm_steps
+    assert "## Budget: equal time (reference arm: adamw)" in (root / "tuning.md").read_text()
+    report = (root / "report" / "report.md").read_text()
+    same = "Every arm sees the same tokens" in report
+    assert same == (muon_steps == 6) and same != ("trained different numbers of tokens" in report)
+    again = run(cmd)  # the pace runs finished too: nothing runs again, the budget stays
+    assert again.returncode == 0 and launched(again) == []
+    assert json.loads((root / st.STUDY_FILE).read_text())["budget"] == budget
 
 
 def test_a_study_recipe_that_also_sweeps_through_hydra_is_refused(capsys):

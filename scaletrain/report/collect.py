@@ -227,7 +227,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl records; a half-written last line of a running job is skipped, not an error."""
     records = []
     try:
@@ -424,7 +424,7 @@ def read_job(job_dir: Path, now: float, stale_after_s: float, submitit: dict[int
     status, detail = judge(
         job_dir, summary, summary_error or (submitit.get(num) if num is not None else None), now, stale_after_s
     )
-    curves, moe, last = _curves(_read_metrics(job_dir / records.METRICS_FILE), summary)
+    curves, moe, last = _curves(read_metrics(job_dir / records.METRICS_FILE), summary)
     config = _read_json(job_dir / records.CONFIG_FILE)
     return Job(
         job_dir, num, overrides, status, detail, summary, config if isinstance(config, dict) else {}, curves, moe, last

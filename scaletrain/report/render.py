@@ -114,6 +114,23 @@ def arm_table(r: Report) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _budget_note(r: Report) -> str:
+    """What the final values compare: equal tokens, or each arm at the end of its own budget."""
+    tokens = {a.stat("tokens_seen").mean for a in r.arms if a.finished}
+    readings = (
+        "'at equal flops' (model + optimizer) and 'at equal seconds' (training time) read each seed's curve at the "
+        "smallest total any seed spent"
+    )
+    if len(tokens) <= 1:
+        check = "so the verdict at equal tokens can be checked against them."
+        return f"Every arm sees the same tokens; {readings}, {check}"
+    return (
+        "The arms trained different numbers of tokens (a study matched in FLOPs or time: its tuning.md gives each "
+        "arm's steps), so the final values compare each arm at the end of its own fully decayed run; "
+        f"{readings} (mid-schedule for the longer arm, which favours the shorter one)."
+    )
+
+
 def verdict_section(r: Report) -> str:
     lines = [
         VERDICTS,
@@ -121,10 +138,8 @@ def verdict_section(r: Report) -> str:
         f"Arm minus baseline. Paired t-test over seeds when both arms ran the same seeds (a seed fixes the data "
         f"order), Welch's t-test otherwise (scipy.stats); 95% confidence intervals; Holm-adjusted p-values where a "
         f"metric has several comparisons; significant at {stats.ALPHA}. The detectable difference is the true "
-        f"difference the same number of seeds would detect with {stats.POWER:.0%} power at this spread. Every arm "
-        "sees the same tokens; 'at equal flops' (model + optimizer) and 'at equal seconds' (training time) read each "
-        "seed's curve at the smallest total any seed spent, so the verdict at equal tokens can be checked against "
-        "them.",
+        f"difference the same number of seeds would detect with {stats.POWER:.0%} power at this spread. "
+        + _budget_note(r),
         "",
     ]
     if len(r.arms) < 2:
