@@ -178,11 +178,16 @@ class Study:
     def reference(self) -> str:
         return self.study.reference or next(iter(self.study.arms))
 
-    def budget(self) -> dict[str, int]:
-        """train.max_steps per arm under study.match (empty for tokens: the recipe's for every arm), frozen into
-        study.json with the per-step cost it came from. match=time runs the pace jobs first."""
+    def budget(self) -> dict | None:
+        """The budget under study.match (None for tokens: the recipe's train.max_steps for every arm): train.max_steps
+        per arm and the per-step cost it came from. Computed once and frozen into study.json; a re-issue takes the
+        frozen one (the jobs were trained at those lengths). match=time runs the pace jobs first."""
         if self.study.match == StudyMatch.tokens:
-            return {}
+            return None
+        path = self.root / STUDY_FILE
+        frozen = json.loads(path.read_text()).get("budget") if path.exists() else None
+        if frozen is not None:
+            return frozen
         if self.study.match == StudyMatch.flops:
             arms = self.study.arms.items()
             cost = {name: flops_per_step(compose([*self.base(), *arm.overrides])) for name, arm in arms}
@@ -190,19 +195,24 @@ class Study:
         else:
             cost = self.pace()
             if cost is None:  # --dry-run before the pace jobs ran
-                return {}
+                return None
             unit = "s"
         ref = self.reference()
         ref_steps = compose([*self.base(), *self.study.arms[ref].overrides]).train.max_steps
         steps = {name: max(1, round(ref_steps * cost[ref] / c)) for name, c in cost.items()}
-        self.record("budget", {"match": str(self.study.match), "reference": ref, "unit": f"{unit} per step",
-                               "per_step": cost, "steps": steps})  # fmt: skip
-        return steps
+        budget = {"match": str(self.study.match), "reference": ref, "unit": f"{unit} per step", "per_step": cost,
+                  "steps": steps}  # fmt: skip
+        if not self.dry_run:
+            data = json.loads(path.read_text())
+            records.write_json(path, {**data, "budget": budget})
+        return budget
 
     def pace(self) -> dict[str, float] | None:
         """Seconds per optimizer step of each arm: a `study.pace_steps` run on the tuning seed through the same
         launcher as the study's jobs, logging every step; the median step after the first (which pays for
         start-up and compilation)."""
+        from scaletrain.report.collect import read_metrics
+
         out: dict[str, float] = {}
         for name, arm in self.study.arms.items():
             fixed = [*arm.overrides, f"train.max_steps={self.study.pace_steps}", "train.log_every=1"]
@@ -211,8 +221,6 @@ class Study:
             if self.dry_run and phase.unfinished():
                 return None
             folder = phase.folders[str(self.study.tune_seed)]
-            from scaletrain.report.collect import read_metrics
-
             times = [
                 r[records.PERF_STEP_S]
                 for r in read_metrics(folder / records.METRICS_FILE)
@@ -223,20 +231,11 @@ class Study:
             out[name] = statistics.median(times)
         return out
 
-    def record(self, key: str, value: object) -> None:
-        """`value` into study.json under `key` (first written wins: a re-issue keeps the frozen budget)."""
-        path = self.root / STUDY_FILE
-        if self.dry_run or not path.exists():
-            return
-        data = json.loads(path.read_text())
-        data.setdefault(key, value)
-        records.write_json(path, data)
-
-    def arm_overrides(self, name: str, steps: dict[str, int]) -> list[str]:
+    def arm_overrides(self, name: str, budget: dict | None) -> list[str]:
         """The arm's overrides, with its budget (train.max_steps) unless it is the reference arm."""
         own = list(self.study.arms[name].overrides)
-        if name in steps and name != self.reference():
-            own.append(f"train.max_steps={steps[name]}")
+        if budget is not None and name != budget["reference"]:
+            own.append(f"train.max_steps={budget['steps'][name]}")
         return own
 
     # ---- phases
@@ -312,8 +311,8 @@ class Study:
     def run(self) -> dict[str, dict[str, float]]:
         """Budget, tune, evaluate; returns each arm's tuned values."""
         self.freeze()
-        steps = self.budget()
-        if self.dry_run and self.study.match == StudyMatch.time and not steps:
+        budget = self.budget()
+        if self.dry_run and self.study.match == StudyMatch.time and budget is None:
             print("(the arms' lengths follow from the pace runs: the commands below show the recipe's train.max_steps)")
         tuned: dict[str, dict[str, float]] = {}
         tuning: dict[str, Tuning] = {}
@@ -322,14 +321,13 @@ class Study:
             inherited = {key: tuned[src][key] for key, src in arm.inherit.items()}
             tuned[name] = dict(inherited)
             if arm.tune is not None:
-                tuning[name] = self.tune(name, inherited, self.arm_overrides(name, steps))
+                tuning[name] = self.tune(name, inherited, self.arm_overrides(name, budget))
                 tuned[name][arm.tune] = tuning[name].best
         for name in self.study.arms:
-            values = [*self.arm_overrides(name, steps), *(f"{k}={fmt(v)}" for k, v in tuned[name].items())]
+            values = [*self.arm_overrides(name, budget), *(f"{k}={fmt(v)}" for k, v in tuned[name].items())]
             seeds = [str(s) for s in self.study.seeds]
             self.launch(self.phase("eval", "train.seed", seeds, values, f"{name}_s"))
         if not self.dry_run:
-            budget = json.loads((self.root / STUDY_FILE).read_text()).get("budget")
             write_tuning(self.root, self.study, tuned, tuning, budget)
         return tuned
 

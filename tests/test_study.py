@@ -17,8 +17,6 @@ from omegaconf import OmegaConf
 from scaletrain import report as rp
 from scaletrain import study as st
 from scaletrain.config import ConfigError, StudyArmConfig, StudyConfig, load_config
-from scaletrain.muon import newton_schulz_flops
-from scaletrain.sizing import meta_model
 
 from .conftest import REPO, compose_cfg, read_metrics, tiny_overrides
 
@@ -104,20 +102,15 @@ def test_dry_run_prints_every_phase_and_writes_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("recipe", ["muon_vs_adamw", "dense_vs_moe"])
 def test_equal_flops_gives_each_arm_the_steps_of_the_reference_arms_flops(recipe, tmp_path, capsys):
     """study.match=flops: every arm but the first trains round(steps x F_first / F_arm) steps, F the model's
-    FLOPs over a step's tokens plus Muon's Newton-Schulz FLOPs (the trainer's own accounting, summary.json)."""
+    FLOPs over a step's tokens plus Muon's Newton-Schulz FLOPs (st.flops_per_step)."""
     base = [f"experiment={recipe}", "~local"]
     cfg = load_config(compose_cfg(base))
     assert cfg.study is not None
     first, other = list(cfg.study.arms)
-    per_step = {}
-    for name in (first, other):
-        arm_cfg = load_config(compose_cfg([*base, *cfg.study.arms[name].overrides]))
-        model = meta_model(arm_cfg)
-        muon = getattr(arm_cfg.optim, "muon", None)
-        tokens = arm_cfg.train.batch_size * arm_cfg.data.seq_len
-        per_step[name] = model.flops_per_token(arm_cfg.data.seq_len) * tokens + (
-            newton_schulz_flops(model, muon.ns_steps) if muon else 0.0
-        )
+    per_step = {  # checked against the trainer's own records below
+        name: st.flops_per_step(load_config(compose_cfg([*base, *cfg.study.arms[name].overrides])))
+        for name in (first, other)
+    }
     expected = round(cfg.train.max_steps * per_step[first] / per_step[other])
     assert expected < cfg.train.max_steps  # Muon's Newton-Schulz, the MoE's router: the second arm costs more
     code = st.main([*base, "study.match=flops", f"study.dir={tmp_path / 's'}", "--dry-run"])
@@ -126,6 +119,18 @@ def test_equal_flops_gives_each_arm_the_steps_of_the_reference_arms_flops(recipe
     assert all("train.max_steps" not in line for line in out if f"{first}_s" in line or f"tune_{first}" in line)
     theirs = [line for line in out if f"{other}_s" in line or f"tune_{other}" in line]
     assert len(theirs) == 2 and all(f" train.max_steps={expected} " in line for line in theirs)
+
+
+def test_flops_per_step_equals_what_the_trainer_recorded_for_study_002b():
+    """The budget's FLOPs are the trainer's own accounting: study 002b's committed summaries (model FLOPs over the
+    run's tokens, Newton-Schulz FLOPs) divided by its steps, per arm."""
+    runs = json.loads((REPO / "experiments" / "002b_muon_vs_adamw" / "runs.json").read_text())
+    for run in runs:
+        s = run["summary"]
+        recorded = (s["flops"] + (s["optimizer_flops"] or 0.0)) / s["step"]
+        cfg = load_config(compose_cfg(["experiment=muon_vs_adamw", f"optim={run['arm']}"]))
+        # integer-valued floats below 2**53 on both sides (FLOP counts of integer shapes): exact on any CPU
+        assert st.flops_per_step(cfg) == recorded, run["arm"]
 
 
 def test_a_study_begun_before_a_setting_existed_continues_at_its_default(tmp_path):
