@@ -30,10 +30,11 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from scaletrain.config import Config, Precision, load_config, register_configs
+from scaletrain.build import build
+from scaletrain.compose import compose
+from scaletrain.config import AttentionConfig, Config, MLPConfig, Precision, load_config
 from scaletrain.data import BatchLoader, MixtureLoader
 from scaletrain.hardware import (
     configure_cpu_malloc,
@@ -49,9 +50,8 @@ from scaletrain.hardware import (
 from scaletrain.metrics import versions
 from scaletrain.model import LMOutput, Transformer
 from scaletrain.optim import build_scheduler
-from scaletrain.trainer import build, forward_backward, optimizer_step
+from scaletrain.trainer import forward_backward, optimizer_step
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -213,6 +213,10 @@ def check_naive_supports(cfg) -> None:
         bad.append(f"model.n_embed={m.n_embed} (naive has d_model)")
     if cfg.moe.n_experts:
         bad.append(f"moe={cfg.moe.name} (naive is dense)")
+    if m.attention._target_ != AttentionConfig._target_:  # a plugin's attention: naive has softmax(QK^T) V only
+        bad.append(f"model.attention={m.attention.name} ({m.attention._target_}; naive has the built-in sdpa)")
+    if m.mlp._target_ != MLPConfig._target_:  # a plugin's MLP: naive has fc2(relu(fc1(x))) only
+        bad.append(f"model.mlp={m.mlp.name} ({m.mlp._target_}; naive has the built-in mlp)")
     if bad:
         raise SystemExit("--naive times the seed baseline's layer types only; this config has " + ", ".join(bad))
 
@@ -336,11 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    register_configs()
     rows, sizes, device_peaks = [], {}, {}
     for variant in args.variants:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = load_config(compose(config_name="config", overrides=[*args.overrides, *variant.split()]))
+        cfg = load_config(compose([*args.overrides, *variant.split()]))
         device = pick_device(cfg.train.device)
         if args.naive:
             check_naive_supports(cfg)

@@ -20,18 +20,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import pickle
 import random
 import shutil
 import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
+from scaletrain import distributed
+from scaletrain.config import BadInput
 from scaletrain.records import (
     CKPT_DIR,
     DCP_METADATA,
@@ -47,17 +52,25 @@ from scaletrain.records import (
 CHECKSUMS = "checksums"  # key of the {tensor path: CRC-32} map inside every checkpoint file
 FILES = "files"  # key of the {file name: CRC-32} manifest of a sharded folder's other files, in its extra.pt
 
+log = logging.getLogger("scaletrain")
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint file cannot be used; the message names the file and why."""
 
+    kind = "checkpoint"
 
-class ResumeNotFound(FileNotFoundError):
+
+class ResumeNotFound(BadInput, FileNotFoundError):
     """`train.resume` names no checkpoint; the message says what the key accepts."""
 
+    kind = "config"
 
-class CheckpointIncompatible(ValueError):
+
+class CheckpointIncompatible(BadInput, ValueError):
     """A sound checkpoint that this run's config cannot continue (the message lists each key, both values)."""
+
+    kind = "checkpoint"
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,8 +115,10 @@ def _rotate(ckpt_dir: Path, keep: int, step: int) -> None:
             _remove(old)
 
 
-class NoSpaceError(OSError):
+class NoSpaceError(BadInput, OSError):
     """Not enough free disk space to write a checkpoint; the message says how much is needed, where."""
+
+    kind = "disk"
 
 
 def state_nbytes(obj: Any) -> int:
@@ -260,14 +275,6 @@ def save_sharded_checkpoint(
     return final
 
 
-def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Read a sharded checkpoint into `model` and `optimizer` as they are laid out now (sharded by FSDP2
-    on any number of ranks, or plain); returns the `extra` state. Every file is verified first."""
-    extra = load_checkpoint(path)
-    load_sharded_state(path, model, optimizer)
-    return extra
-
-
 def file_checksums(folder: Path) -> dict[str, int]:
     """CRC-32 of every file in a sharded checkpoint folder but extra.pt (which holds this map), streamed in
     16 MiB chunks. By hand for the reason `tensor_checksums` gives: DCP writes no checksums of its own."""
@@ -390,6 +397,21 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _implied(key: str, saved: dict[str, Any]) -> Any:
+    """The value a key added to the schema later had, implicitly, in a config saved before it existed: the
+    attention's (model/attention, added with plugins) was the built-in SDPA, the MLP's (model/mlp) the built-in
+    MLP; an optimizer's builder its own."""
+    from scaletrain.config import AttentionConfig, MLPConfig, optimizer_schemas
+
+    for node, schema in (("model.attention.", AttentionConfig), ("model.mlp.", MLPConfig)):
+        if key.startswith(node):
+            return {"name": schema.name, "_target_": schema._target_}.get(key.removeprefix(node))
+    if key == "optim._target_":
+        schema = optimizer_schemas().get(saved.get("optim", {}).get("name", ""))
+        return getattr(schema, "_target_", None)
+    return object()  # nothing implied: never equal
+
+
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(changes that forbid resuming, changes that apply from here on), one 'key: now (checkpoint: saved)'
     line each. Hyperparameters (lr, schedule, max_steps, cadences, dropout, ...) apply; shapes and the data
@@ -398,6 +420,8 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str
     blocking, applied = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key) or key.startswith(_NOT_TRAINING) or key.endswith(_WHERE_LEAVES):
+            continue
+        if key not in a and b.get(key) == _implied(key, saved):  # a key added after the checkpoint was written
             continue
         line = f"{key}: {b.get(key, '(absent)')} (checkpoint: {a.get(key, '(absent)')})"
         fixed = key.startswith(_FIXED) and not key.startswith(_FIXED_EXCEPT) and not key.endswith(_APPLIES)
@@ -485,12 +509,6 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
     )
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """The newest of `resume_candidates` (None when there is none)."""
-    candidates = resume_candidates(resume, run_dir)
-    return candidates[0] if candidates else None
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A full checkpoint's state, or a sharded one's `extra` state (the shards are read by
     `load_sharded_state`). Unpickled with weights_only=True (tensors, containers and plain values only, so a
@@ -535,3 +553,105 @@ def _unpickle(path: Path) -> Any:
     except (RuntimeError, OSError, EOFError, ValueError) as err:  # truncated / zeroed file, broken zip directory
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {first})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The checkpointer: what a training run saves and restores
+
+
+class RNGState:
+    """Every RNG of the process (python, numpy, torch, CUDA) as a Stateful."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_rng_state(state_dict)
+
+
+class Checkpointer:
+    """Saves and restores a run: the model and optimizer (the format's business: one gathered file, or DCP
+    shards each rank writes and reads), and every other component as a `Stateful`
+    (torch.distributed.checkpoint.stateful: `state_dict()` / `load_state_dict()`) under its name, plus the
+    progress counters at the top level and the config (what a resume is checked against). A new component is
+    one more entry of `statefuls`, not one more hand-named key.
+
+    Restore order: the config check, then `statefuls["loader"]` (the data order must continue, or nothing is
+    loaded), then model and optimizer, then the other statefuls in their order, then the progress. Changes of
+    hyperparameters in the config apply from the resumed step (`apply_hyperparameters`)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        statefuls: Mapping[str, Stateful],
+        progress: Stateful,
+        config: dict[str, Any],
+        is_main: bool,
+    ):
+        self.run_dir, self.model, self.optimizer, self.statefuls = Path(run_dir), model, optimizer, statefuls
+        self.progress, self.config, self.is_main = progress, config, is_main
+
+    def save(self, step: int, sharded: bool, keep: int) -> None:
+        """Checkpoint `step` (every rank calls this). `sharded`: DCP folder; else one full file written by rank 0
+        from gathered state dicts (FSDP2: every rank takes part in the gather)."""
+        extra = {name: obj.state_dict() for name, obj in self.statefuls.items()}
+        extra.update(self.progress.state_dict())
+        extra["config"] = self.config
+        if sharded:
+            save_sharded_checkpoint(self.run_dir, step, self.model, self.optimizer, extra, keep, self.is_main)
+            return
+        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer)
+        if self.is_main:
+            save_checkpoint(self.run_dir, step, {"model": model_sd, "optimizer": optim_sd, **extra}, keep)
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load checkpoint `path` (either format, verified) into every component -> the saved state (its
+        top-level values: step, wandb_id, ...)."""
+        state = load_checkpoint(path)
+        for line in check_compatible(path, state.get("config"), self.config):
+            log.info("resume: %s -> applied from here on", line)
+        loader = self.statefuls.get("loader")
+        if loader is not None:  # a global position: any number of ranks continues it
+            try:
+                loader.load_state_dict(state["loader"])
+            except ValueError as err:
+                raise CheckpointIncompatible(f"cannot resume from {path}: {err}") from None
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        if is_sharded_checkpoint(path):  # each rank reads the shards it holds now (DCP reshards)
+            load_sharded_state(path, self.model, self.optimizer)
+        else:  # every rank read the file; FSDP2 ranks keep their shards
+            distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        for name, obj in self.statefuls.items():
+            if name != "loader":
+                obj.load_state_dict(state[name])
+        scheduler = self.statefuls.get("scheduler")
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            apply_hyperparameters(self.optimizer, scheduler, fresh)
+        self.progress.load_state_dict(state)
+        return state
+
+    def restore_newest_good(self, candidates: list[Path]) -> dict[str, Any]:
+        """Restore the newest checkpoint that loads and verifies; each damaged one is skipped with a warning
+        naming it and why. Fails when none is usable."""
+        for path in candidates:
+            try:
+                state = self.restore(path)
+                log.info("resumed from %s at step %d", path, state["step"])
+                return state
+            except CheckpointError as err:
+                log.warning("WARNING: skipping checkpoint %s: %s", path, err)
+        raise CheckpointError(f"no usable checkpoint among {[str(p) for p in candidates]} (see the warnings)")
+
+
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, fresh: list[dict[str, Any]]
+) -> None:
+    """After loading: the optimizer's hyperparameters come from this run's config (`fresh`: its param groups as
+    built, before load_state_dict restored the checkpoint's), and the lr is re-derived for the resumed step."""
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, lr_lambda, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)

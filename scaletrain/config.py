@@ -31,13 +31,23 @@ import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
-class ConfigError(ValueError):
+class BadInput(Exception):
+    """Base of every error that means bad input rather than a bug: a config value, a file, a device, a full disk.
+    Its message names the key or file, what was expected and the fix; the commands print `<kind> error: <message>`
+    in one line and exit with code 2 (run.py), where any other exception is a bug and keeps its traceback."""
+
+    kind = "input"
+
+
+class ConfigError(BadInput, ValueError):
     """A configuration value is inconsistent; the message names the key and what is allowed."""
+
+    kind = "config"
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -56,7 +66,84 @@ def suggest(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# ---------------------------------------------------------------- components
+@dataclass
+class ComponentConfig:
+    """A config node for a component built by code it names: `_target_`, the dotted path of the class or builder
+    (built-ins and plugins alike: scaletrain/plugins.py). Each kind of component has one base schema (below:
+    `AttentionConfig`, `MLPConfig`, `OptimConfig`) whose subclasses are the options of its Hydra group (`GROUP`),
+    registered as `<name>_schema` by `register_configs`; a subclass adds its own typed fields and rules. The schema
+    keeps typed validation (a wrong key or type fails at compose time, naming it), the `_target_` is checked when the
+    config is loaded (importable, callable; else one error naming the key and the nearest valid name). Why not
+    `hydra.utils.instantiate`: a component needs run-time arguments (the model, the typed model config, the
+    device), so the target receives the typed node rather than its fields as keywords."""
+
+    GROUP: ClassVar[str] = ""  # the Hydra group of this kind's options (the node's key: dots for slashes)
+    name: str = MISSING
+    _target_: str = MISSING
+
+    def __post_init__(self) -> None:
+        key = self.GROUP.replace("/", ".")
+        base = component_base(type(self))
+        own = _schema_name(type(self))
+        _check(
+            self.name == own,
+            f"{key}.name",
+            f"is {self.name!r} but the schema is {own!r}: pick an option with `{self.GROUP}=<name>` "
+            f"(available: {', '.join(sorted(component_schemas(base)))}), not {key}.name",
+        )
+        resolve_target(self._target_, f"{key}._target_")
+
+
+def component_base(cls: type) -> type:
+    """The base schema of a component kind (the direct subclass of ComponentConfig that `cls` derives from)."""
+    return next(c for c in reversed(cls.__mro__) if ComponentConfig in c.__bases__)
+
+
+def resolve_target(path: str, key: str) -> Any:
+    """The object a `_target_` names, imported; a ConfigError naming `key` and the nearest importable name when
+    the module or the attribute does not exist. Imports the module (a plugin's, or torch-importing built-ins)."""
+    import importlib
+
+    _check(path != MISSING, key, "is not set: the schema's _target_ must name the code that builds it")
+    module_name, _, attr = path.rpartition(".")
+    _check(bool(module_name and attr), key, f"{path!r} is not a dotted path (module.attribute)")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"{key}: cannot import module {module_name!r} of {path!r} ({err})") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"{key}: module {module_name!r} has no {attr!r}{suggest(attr, names)}")
+    _check(callable(obj), key, f"{path!r} is not callable")
+    return obj
+
+
 # ---------------------------------------------------------------- model
+@dataclass
+class AttentionConfig(ComponentConfig):
+    """The block's attention (`model/attention` group). The target is an nn.Module class built as
+    `cls(model_cfg, attention_cfg, rope)`; the built-in is causal SDPA (model.Attention). A variant subclasses
+    model.Attention (overriding `attend`) and this schema (adding its own fields); see examples/scaletrain_lion."""
+
+    GROUP: ClassVar[str] = "model/attention"
+    name: str = "sdpa"
+    _target_: str = "scaletrain.model.Attention"
+
+
+@dataclass
+class MLPConfig(ComponentConfig):
+    """The block's MLP in dense layers (`model/mlp` group; MoE layers stay MoE). The target is an nn.Module class
+    built as `cls(model_cfg, mlp_cfg)`, [B, T, D] -> [B, T, D]; the built-in (model.MLP: relu/gelu/swiglu) reads
+    model.activation, model.d_ff, model.bias and model.dropout. A variant subclasses this schema (adding its own
+    fields) and declares its parameters' roles (`param_roles`, scaletrain/roles.py)."""
+
+    GROUP: ClassVar[str] = "model/mlp"
+    name: str = "mlp"
+    _target_: str = "scaletrain.model.MLP"
+
+
 class Norm(StrEnum):
     layernorm = "layernorm"
     rmsnorm = "rmsnorm"
@@ -93,6 +180,8 @@ class ModelConfig:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # the `model/attention` group picks it
+    mlp: MLPConfig = field(default_factory=MLPConfig)  # the `model/mlp` group picks it (dense layers)
     # A Hugging Face Llama checkpoint folder (config.json + *.safetensors) whose weights replace the initial ones
     # (scaletrain/export_hf.py::load_hf_into, checked when the trainer builds, before any data work); null = init_std.
     # Read at build time only: a finished run loads without it (sample, eval, export).
@@ -249,22 +338,18 @@ def _check_lr(lr: float, key: str) -> None:
 
 
 @dataclass
-class OptimConfig:
-    """What every optimizer has. Subclasses are the `optim` group's schemas; `name` says which one."""
+class OptimConfig(ComponentConfig):
+    """What every optimizer has. Subclasses are the `optim` group's schemas; `name` says which one. The target is
+    a builder `fn(model, cfg, device_type) -> torch.optim.Optimizer` (optim.py's, or a plugin's); the LR schedule
+    (one LambdaLR over every parameter group) is applied by the trainer to whatever it returns."""
 
-    name: str = MISSING
+    GROUP: ClassVar[str] = "optim"
     lr: float = 1e-3
     weight_decay: float = 0.1
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        own = _schema_name(type(self))
-        _check(
-            self.name == own,
-            "optim.name",
-            f"is {self.name!r} but the schema is {own!r}: pick an optimizer "
-            f"with `optim=<name>` (available: {', '.join(sorted(optimizer_schemas()))}), not optim.name",
-        )
+        super().__post_init__()
         _check_lr(self.lr, "optim.lr")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
@@ -274,6 +359,7 @@ class AdamWConfig(OptimConfig):
     """torch AdamW on decay / no-decay groups (optim.py)."""
 
     name: str = "adamw"
+    _target_: str = "scaletrain.optim.build_adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     implementation: OptimImpl = OptimImpl.auto
@@ -317,21 +403,29 @@ class MuonOptimConfig(AdamWConfig):
     norms, biases, router)."""
 
     name: str = "muon"
+    _target_: str = "scaletrain.optim.build_muon_with_adamw"
     muon: MuonConfig = field(default_factory=MuonConfig)
 
 
-def _schema_name(cls: type) -> str:
-    return str(next(f.default for f in fields(cls) if f.name == "name"))
+def _schema_name(cls: type) -> Any:
+    return next(f.default for f in fields(cls) if f.name == "name")
+
+
+def component_schemas(base: type) -> dict[str, type]:
+    """Every schema of a component kind, by name: `base` (when it names an option itself) and all its subclasses
+    (defining one registers it: built-ins here, plugins when imported)."""
+    found, todo = {}, [base]
+    while todo:
+        cls = todo.pop()
+        if _schema_name(cls) is not MISSING:
+            found[_schema_name(cls)] = cls
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 def optimizer_schemas() -> dict[str, type[OptimConfig]]:
-    """Every optimizer schema, by name: all subclasses of OptimConfig (defining one registers it)."""
-    found, todo = {}, list(OptimConfig.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        found[_schema_name(cls)] = cls
-        todo.extend(cls.__subclasses__())
-    return found
+    """Every optimizer schema, by name."""
+    return component_schemas(OptimConfig)
 
 
 # ---------------------------------------------------------------- data
@@ -736,7 +830,6 @@ class StudyConfig:
     min_grid: int = 4  # a tuned arm's grid has at least this many points ...
     max_spacing: float = 2.0  # ... at most this ratio apart
     dir: str = "studies/${experiment}"  # the study folder (resolved against the working directory)
-    expected_minutes: float | None = None  # the recipe's wall-time estimate (measured with scaletrain.bench)
     match: StudyMatch = StudyMatch.tokens  # what the arms are given equally (the others are reported beside it)
     reference: str | None = None  # the arm that trains the recipe's train.max_steps (default: the first arm)
     pace_steps: int = 30  # match=time: steps of each arm's pace run (seconds per step: the median after the first)
@@ -865,28 +958,42 @@ def _extension_node(cls: type, parent: type) -> DictConfig:
     keeps the values already composed (OmegaConf does not overwrite a value with MISSING)."""
     node = OmegaConf.structured(cls)
     for f in fields(parent):
-        if f.name != "name":
+        if f.name not in ("name", "_target_"):  # the option's own identity replaces its parent's
             node[f.name] = MISSING
     return node
 
 
+COMPONENT_BASES: tuple[type[ComponentConfig], ...] = ()  # set below, once the bases are defined
+
+
 def register_configs() -> None:
-    """Store the root schema (`scaletrain_schema`) and one schema per optimizer (`optim/<name>_schema`)."""
+    """Import the plugins (plugins.py), then store the root schema (`scaletrain_schema`) and every component
+    schema in its group (`optim/<name>_schema`, `model/attention/<name>_schema`, `model/mlp/<name>_schema`),
+    built-ins and plugins alike."""
     from hydra.core.config_store import ConfigStore
 
+    from scaletrain.plugins import load_plugins
+
+    load_plugins()
     cs = ConfigStore.instance()
     cs.store(name="scaletrain_schema", node=Config)
-    for name, cls in optimizer_schemas().items():
-        parent = cls.__mro__[1]
-        node = _extension_node(cls, parent) if parent is not OptimConfig else cls
-        cs.store(group="optim", name=f"{name}_schema", node=node)
+    for base in COMPONENT_BASES:
+        for name, cls in component_schemas(base).items():
+            parent = cls.__mro__[1]
+            # a schema stacked on a concrete option (muon on adamw) keeps the values composed before it
+            node = _extension_node(cls, parent) if parent is not base and parent is not ComponentConfig else cls
+            cs.store(group=base.GROUP, name=f"{name}_schema", node=node)
+
+
+COMPONENT_BASES = (AttentionConfig, MLPConfig, OptimConfig)
 
 
 def _unknown_keys(node: Any, path: str) -> list[str]:
     """Keys present in a composed config that its schema does not define (Hydra's `+key=value` force-adds
-    them even in struct mode; `to_object` would then drop them without a word)."""
+    them even in struct mode; `to_object` would then drop them without a word). Walks the nodes as composed:
+    interpolations and MISSING values are not resolved here (`to_object` reports those, naming the key)."""
     if isinstance(node, ListConfig):
-        return [e for i, item in enumerate(node) for e in _unknown_keys(item, f"{path}[{i}]")]
+        return [e for i in range(len(node)) if _plain(node, i) for e in _unknown_keys(node[i], f"{path}[{i}]")]
     if not isinstance(node, DictConfig):
         return []
     schema = OmegaConf.get_type(node)
@@ -898,9 +1005,14 @@ def _unknown_keys(node: Any, path: str) -> list[str]:
             kind = schema.__name__ if schema else "dict"
             errors.append(f"{full}: not a key of {kind}{suggest(str(key), known)}; valid keys: {', '.join(known)}")
             continue
-        if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, str(key)):
-            errors.extend(_unknown_keys(node._get_node(key), full))
+        if _plain(node, key):
+            errors.extend(_unknown_keys(node[key], full))  # a container comes back as its node, unresolved
     return errors
+
+
+def _plain(node: DictConfig | ListConfig, key: Any) -> bool:
+    """Whether `node[key]` reads a value as written: neither MISSING nor an interpolation (which it would resolve)."""
+    return not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key)
 
 
 def load_config(cfg: DictConfig | Config) -> Config:
@@ -937,13 +1049,7 @@ def unwritable(path: str | Path) -> str | None:
     return None
 
 
-validate = load_config  # the name tests and older callers use: checks every rule, returns the Config
-
-
 def to_dict(cfg: Config | DictConfig) -> dict:
     """Plain JSON-able dict (enums as strings) for run records, checkpoints and W&B."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-to_container = to_dict

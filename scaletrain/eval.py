@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scaletrain import records
-from scaletrain.checkpoint import CheckpointError
-from scaletrain.config import ConfigError, to_dict
+from scaletrain.config import BadInput, to_dict
 from scaletrain.data.common import DataError
-from scaletrain.runs import RunFolderError, config_of_run, load_run
+from scaletrain.runs import config_of_run, load_run
 
 if TYPE_CHECKING:
     from scaletrain.config import Config
@@ -87,9 +86,10 @@ def evaluate_run(
     import torch
 
     from scaletrain import hardware
+    from scaletrain.build import make_autocast
     from scaletrain.data import prepare_data
+    from scaletrain.evaluator import evaluate
     from scaletrain.metrics import git_sha
-    from scaletrain.trainer import evaluate, make_autocast
 
     cfg = config_of_run(Path(run_dir), overrides)  # checked before anything is loaded
     run = load_run(run_dir, checkpoint, device)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate_run(
             args.run_dir, args.overrides, args.checkpoint, args.device, args.split, args.test_dir, args.test_problems
         )
-    except (RunFolderError, ConfigError, DataError, CheckpointError, FrozenSetError, OSError) as err:
+    except (BadInput, FrozenSetError, OSError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     print(f"# {out['weights']} (step {out['step']}) on {out['data']['name']}, {args.split} split")

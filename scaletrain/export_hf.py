@@ -9,8 +9,9 @@ has materialized the model; a sharded parameter keeps its own slice) replaces th
 checkpoint of the configured shape, after comparing its config.json with the configured model field by field.
 
 Only the Llama shape maps: `unsupported()` lists every option that has no Llama equivalent (W_e projection,
-LayerNorm, ReLU/GELU MLP, MoE, biases, qk-norm) with the value the format needs. Dropout is a training-time
-setting and does not change the exported function. What makes the two models compute the same function:
+LayerNorm, ReLU/GELU MLP, MoE, biases, qk-norm, a plugin's attention or MLP) with the value the format needs.
+Dropout is a training-time setting and does not change the exported function. What makes the two models compute
+the same function:
 - RoPE. scaletrain rotates interleaved pairs (x0, x1), (x2, x3), ... of each head; Hugging Face's Llama rotates
   the halves (x_i, x_{i+K/2}) by the same frequency i. Permuting the rows of wq and wk within each head, pair
   element 0 of pair i to row i and element 1 to row i + K/2, makes the two rotations the same; attention scores
@@ -35,8 +36,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scaletrain import records
-from scaletrain.checkpoint import CheckpointError
-from scaletrain.config import Activation, ConfigError, ModelConfig, MoEConfig, Norm
+from scaletrain.config import (
+    Activation,
+    AttentionConfig,
+    BadInput,
+    ConfigError,
+    MLPConfig,
+    ModelConfig,
+    MoEConfig,
+    Norm,
+)
 from scaletrain.data.common import EOT
 from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers
@@ -49,8 +58,10 @@ _NOT_LLAMA = "model.init_from_hf: the configured model cannot hold a Hugging Fac
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ExportError(ValueError):
+class ExportError(BadInput, ValueError):
     """The model or folder cannot be mapped to or from the Llama format; the message says what to change."""
+
+    kind = "export"
 
 
 # ---------------------------------------------------------------- what maps
@@ -64,7 +75,8 @@ def unsupported(cfg: ModelConfig, moe: MoEConfig | None = None) -> list[str]:
         problems.append(f"model.embed_proj=true (W_e projection) {no} model.embed_proj=false")
     if cfg.norm != Norm.rmsnorm:
         problems.append(f"model.norm={cfg.norm} {no} model.norm=rmsnorm")
-    if cfg.activation != Activation.swiglu:
+    builtin_mlp = cfg.mlp._target_ == MLPConfig._target_  # model.activation is the built-in MLP's setting
+    if builtin_mlp and cfg.activation != Activation.swiglu:
         problems.append(f"model.activation={cfg.activation} (a 2-layer MLP) {no} model.activation=swiglu")
     if cfg.bias:
         problems.append(f"model.bias=true (biases in every projection) {no} model.bias=false")
@@ -72,6 +84,16 @@ def unsupported(cfg: ModelConfig, moe: MoEConfig | None = None) -> list[str]:
         problems.append(f"model.qk_norm=true (RMSNorm on q and k) {no} model.qk_norm=false")
     if moe is not None and moe.n_experts > 0:
         problems.append(f"moe.n_experts={moe.n_experts} (MoE layers) {no} moe=none (moe.n_experts=0)")
+    if cfg.attention._target_ != AttentionConfig._target_:  # a plugin's attention computes something else
+        problems.append(
+            f"model.attention={cfg.attention.name} ({cfg.attention._target_}) {no} model/attention=sdpa "
+            "(Llama's causal softmax attention)"
+        )
+    if not builtin_mlp:  # a plugin's MLP: other parameters, another function
+        problems.append(
+            f"model.mlp={cfg.mlp.name} ({cfg.mlp._target_}) {no} model/mlp=mlp (Llama's SwiGLU MLP, with "
+            "model.activation=swiglu)"
+        )
     return problems
 
 
@@ -341,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(Path(args.source), Path(args.out_dir), DTYPES[args.dtype])
-    except (ValueError, CheckpointError, OSError) as err:  # ExportError, RunFolderError, ConfigError: ValueErrors
+    except (BadInput, ValueError, OSError) as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")

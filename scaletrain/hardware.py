@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from scaletrain.config import Precision
+from scaletrain.config import BadInput, Precision
 
 # Dense (not sparse) bf16 tensor-core peaks in FLOP/s, from vendor datasheets.
 GPU_BF16_PEAK = {
@@ -42,8 +42,10 @@ GPU_BF16_PEAK = {
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
-class DeviceUnavailable(RuntimeError):
+class DeviceUnavailable(BadInput, RuntimeError):
     """`train.device` names a device this machine does not have (the message says which, and the fix)."""
+
+    kind = "device"
 
 
 def pick_device(name: str) -> torch.device:

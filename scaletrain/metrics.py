@@ -24,14 +24,17 @@ import numpy as np
 import torch
 
 from scaletrain import records
+from scaletrain.config import BadInput
 from scaletrain.data import unreachable
 from scaletrain.hardware import hardware_info
 
 _PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "datasets", "tokenizers", "wandb", "submitit")
 
 
-class WandbUnavailable(RuntimeError):
+class WandbUnavailable(BadInput, RuntimeError):
     """logging.wandb.mode=online cannot work on this machine: no API key, or the W&B server is unreachable."""
+
+    kind = "wandb"
 
 
 def check_wandb(wandb_cfg: Any, timeout_s: float = 5.0) -> None:

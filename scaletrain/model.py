@@ -1,39 +1,36 @@
 """Decoder-only transformer: token embedding + W_e, pre-norm blocks (RoPE attention, MLP), W_ue.
 
 Here: `Transformer`, `Block`, `Attention`, `MLP`, `RotaryEmbedding`, norm construction, parameter
-counting and FLOPs per token (active parameters for MoE), and generation with a KV cache (`KVCache`,
-`Transformer.complete` for batches of prompts of any lengths, `Transformer.generate` for the training
-samples). Not here: the MoE layer that replaces the MLP of configured blocks (`moe.py`), parallelism
-(applied from outside the model, torchtitan style), optimizer grouping (`optim.py`, `muon.py`).
+counting and FLOPs per token (active parameters for MoE), and what decoding needs of the forward pass
+(`Context`: per-row positions, the padding mask and the KV cache, built by `Transformer._context`). Not here:
+decoding itself (`generate.py`: `KVCache`, `complete`, `generate`, dropless MoE routing while decoding, and how
+the forward's generation inputs work), the MoE layer that replaces the MLP of configured blocks (`moe.py`),
+parallelism (applied from outside the model, torchtitan style), optimizer grouping (`optim.py`, `muon.py`).
 
 The forward pass returns `LMOutput(logits, aux_loss)`: the MoE balancing losses travel with the output
 (summed block by block), so a recomputed block (activation checkpointing) cannot count them twice and
 the training step needs one handle to the model. Shape letters: the legend in scaletrain/__init__.py.
-
-Generation. `forward(idx_BT)` is the training path (positions 0..T-1, `is_causal` SDPA), untouched by
-what follows. Generation passes `pad_B` (rows left-padded into one batch) and/or a `KVCache`; then each
-row's tokens take positions 0, 1, ... from its first real token, and attention uses an explicit boolean
-mask (a real key at or before the query), so a row computes what it would compute alone. A padding
-query may see only itself: a fully masked row would make SDPA return NaN, and a NaN key or value would
-reach real rows through 0 * NaN in the weighted sum.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
-import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import Activation, ModelConfig, MoEConfig, Norm
+from scaletrain.config import Activation, AttentionConfig, MLPConfig, ModelConfig, MoEConfig, Norm, resolve_target
 from scaletrain.dropout import Dropout
-from scaletrain.moe import Experts, MoE, inactive_params, is_moe_layer, moe_layers, moe_matmul_params
+from scaletrain.moe import MoE, inactive_params, is_moe_layer, moe_layers, moe_matmul_params
+from scaletrain.roles import Role, param_roles
+
+if TYPE_CHECKING:  # generate.py imports this module: the cache is only a type here
+    from scaletrain.generate import KVCache
+
+MOE_ROLES = (Role.expert, Role.expert_out, Role.router)  # counted per token by moe_matmul_params
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -41,11 +38,6 @@ def param_seed(seed: int, name: str) -> int:
     process and run, unlike Python's salted hash()), 63 bits."""
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def mark_residual_out(linear: nn.Linear) -> None:
-    """A projection that writes into the residual stream: its init is scaled (Transformer._init_rule)."""
-    linear.is_residual_out = True  # type: ignore[assignment]  # a plain attribute, not a submodule
 
 
 class Context(NamedTuple):
@@ -60,22 +52,6 @@ class Context(NamedTuple):
     # floating-point inputs (FSDP2's mixed precision) would otherwise write the new keys into a copy.
     cache: KVCache | None = None
     layer: int = 0  # the block's index in the cache
-
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated once per generation.
-
-    One [B, H, T_max, K] tensor per layer for k and one for v, filled left to right; `length` slots are
-    filled (the same for every row: rows are left-padded, row b's first `pad_B[b]` slots are padding and
-    never attended to). Keys are stored after RoPE, at their absolute positions, so a cached key never
-    needs re-rotating. dtype: what the projections produce (the autocast dtype if autocast is on).
-    """
-
-    def __init__(self, n_layers: int, pad_B: torch.Tensor, n_heads: int, t_max: int, head_dim: int, dtype):
-        shape = (pad_B.shape[0], n_heads, t_max, head_dim)
-        self.k_BHTK = [pad_B.new_zeros(shape, dtype=dtype) for _ in range(n_layers)]  # one per layer
-        self.v_BHTK = [pad_B.new_zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.pad_B, self.t_max, self.length = pad_B, t_max, 0
 
 
 class LMOutput(NamedTuple):
@@ -135,10 +111,13 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention through SDPA (flash kernel where the device has one)."""
+    """Multi-head causal self-attention through SDPA (flash kernel where the device has one); the built-in target
+    of `model.attention` (model/attention=sdpa). A variant subclasses it, overrides `attend` (the scores and
+    weighted sum, given projected, rotated heads) and declares any parameters it adds in `param_roles`."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, rope: RotaryEmbedding):
         super().__init__()
+        self.attn_cfg = attn
         D, H = cfg.d_model, cfg.n_heads
         G, K = cfg.n_kv_heads or H, D // H  # G key/value heads, each shared by H / G query heads (GQA)
         self.n_heads, self.n_kv_heads, self.head_dim, self.attn_dropout = H, G, K, cfg.attn_dropout
@@ -146,11 +125,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(D, G * K, bias=cfg.bias)
         self.wv = nn.Linear(D, G * K, bias=cfg.bias)
         self.wo = nn.Linear(D, D, bias=cfg.bias)
-        mark_residual_out(self.wo)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rope = rope
         self.resid_dropout = Dropout(cfg.dropout)
+
+    def param_roles(self) -> dict[str, Role]:
+        roles = {f"{p}.weight": Role.hidden for p in ("wq", "wk", "wv")} | {"wo.weight": Role.hidden_out}
+        return roles | {f"{p}.bias": Role.bias for p in ("wq", "wk", "wv", "wo")}  # norms: leaf defaults
 
     def _heads(self, x_BTD: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         """[B, T, D] -> [B, T, n, K] for the n heads `proj` has (n_heads for q, n_kv_heads for k and v)."""
@@ -159,7 +141,7 @@ class Attention(nn.Module):
         return y_BTHK if proj.bias is None else y_BTHK + proj.bias.view(-1, self.head_dim)
 
     @property
-    def _gqa(self) -> dict:
+    def gqa(self) -> dict:
         """SDPA's grouped-query switch (repeats each key/value head for its query heads inside the kernel)."""
         return {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
 
@@ -169,14 +151,7 @@ class Attention(nn.Module):
             q_BTHK, k_BTHK = self.q_norm(q_BTHK), self.k_norm(k_BTHK)
         if ctx is None:  # training: every row starts at position 0, plain causal attention
             q_BTHK, k_BTHK = self.rope(q_BTHK), self.rope(k_BTHK)
-            o_BHTK = F.scaled_dot_product_attention(
-                q_BTHK.transpose(1, 2),
-                k_BTHK.transpose(1, 2),
-                v_BTHK.transpose(1, 2),
-                dropout_p=self.attn_dropout if self.training else 0.0,
-                is_causal=True,
-                **self._gqa,
-            )
+            o_BHTK = self.attend(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHK.transpose(1, 2), None, 0)
         else:
             o_BHTK = self._attend_in_context(q_BTHK, k_BTHK, v_BTHK, ctx)
         w_DHK = self.wo.weight.view(-1, self.n_heads, self.head_dim)
@@ -197,28 +172,50 @@ class Attention(nn.Module):
             cache_k_BHTK[:, :, ctx.start : end] = k_BHTK
             cache_v_BHTK[:, :, ctx.start : end] = v_BHTK
             k_BHTK, v_BHTK = cache_k_BHTK[:, :, :end].to(q_BHTK.dtype), cache_v_BHTK[:, :, :end].to(q_BHTK.dtype)
+        return self.attend(q_BHTK, k_BHTK, v_BHTK, ctx.allowed_B1TT, ctx.start)
+
+    def attend(
+        self,
+        q_BHTK: torch.Tensor,
+        k_BHTK: torch.Tensor,
+        v_BHTK: torch.Tensor,
+        allowed_B1TT: torch.Tensor | None,
+        start: int,
+    ) -> torch.Tensor:
+        """Attention of the queries over the keys (both axes sequence positions, hence T twice) -> [B, H, T, K].
+        `allowed_B1TT` None: training (query t and key t are
+        position t, plain causal); else generation: query i sits at cache slot start + i, key j at slot j, and the
+        mask already excludes padding and the future. The override point of attention variants."""
         return F.scaled_dot_product_attention(
             q_BHTK,
             k_BHTK,
             v_BHTK,
-            attn_mask=ctx.allowed_B1TT,
+            attn_mask=allowed_B1TT,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            **self._gqa,
+            is_causal=allowed_B1TT is None,
+            **self.gqa,
         )
 
 
 class MLP(nn.Module):
-    """Two-layer MLP (ReLU or GELU), or SwiGLU (gate * up) when activation=swiglu; dropout on the output."""
+    """Two-layer MLP (ReLU or GELU), or SwiGLU (gate * up) when activation=swiglu; dropout on the output. The
+    built-in target of `model.mlp` (model/mlp=mlp): its shape and activation come from the model config
+    (model.d_ff, model.activation, model.bias, model.dropout), so `mlp` carries nothing it reads. A variant is any
+    module class built as `cls(cfg, mlp)`, [B, T, D] -> [B, T, D], declaring its parameters in `param_roles`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mlp: MLPConfig):
         super().__init__()
+        self.mlp_cfg = mlp
         D, Fh = cfg.d_model, cfg.d_ff
         self.activation = cfg.activation
         self.w_in = nn.Linear(D, Fh, bias=cfg.bias)
         self.w_gate = nn.Linear(D, Fh, bias=cfg.bias) if cfg.activation == Activation.swiglu else None
         self.w_out = nn.Linear(Fh, D, bias=cfg.bias)
-        mark_residual_out(self.w_out)
         self.dropout = Dropout(cfg.dropout)
+
+    def param_roles(self) -> dict[str, Role]:
+        roles = {"w_in.weight": Role.hidden, "w_gate.weight": Role.hidden, "w_out.weight": Role.hidden_out}
+        return roles | {f"{p}.bias": Role.bias for p in ("w_in", "w_gate", "w_out")}
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         h_BTF = self.w_in(x_BTD)
@@ -233,16 +230,17 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); `mlp` is an MoE layer when
-    the block is one of the configured MoE layers."""
+    the block is one of the configured MoE layers, else the `model.mlp` component (built-in: MLP)."""
 
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, moe_cfg: MoEConfig | None = None, layer_idx: int = 0):
         super().__init__()
         self.attn_norm = make_norm(cfg, cfg.d_model)
-        self.attn = Attention(cfg, rope)
+        self.attn = resolve_target(cfg.attention._target_, "model.attention._target_")(cfg, cfg.attention, rope)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = (
-            MoE(cfg, moe_cfg, layer_idx) if moe_cfg is not None and is_moe_layer(layer_idx, moe_cfg) else MLP(cfg)
-        )
+        if moe_cfg is not None and is_moe_layer(layer_idx, moe_cfg):
+            self.mlp = MoE(cfg, moe_cfg, layer_idx)
+        else:
+            self.mlp = resolve_target(cfg.mlp._target_, "model.mlp._target_")(cfg, cfg.mlp)
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (output, this block's MoE aux loss or None): the loss is read right after the MoE forward that
@@ -273,9 +271,16 @@ class Transformer(nn.Module):
         if not self.tok_emb.weight.is_meta:  # on the meta device (sizing, parallelize) there is nothing to fill
             self.init_weights()
 
+    def param_roles(self) -> dict[str, Role]:
+        # tok_emb and the norms: leaf defaults (roles.LEAF_ROLES); a tied W_ue.weight is tok_emb's tensor
+        roles = {"W_ue.weight": Role.unembedding}
+        if isinstance(self.W_e, nn.Linear):  # embed_proj=false: an nn.Identity, no parameters
+            roles |= {"W_e.weight": Role.embedding_proj, "W_e.bias": Role.bias}
+        return roles
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, write: Callable[[nn.Parameter, torch.Tensor], None] | None = None):
-        """Every parameter and buffer to its initial value, in place (the rules: `_init_rule`).
+        """Every parameter and buffer to its initial value, in place (the rule: each parameter's role, `Role.init`).
 
         seed None: normal draws come from the global generator, in parameter order (what the constructor does,
         so `torch.manual_seed(s); Transformer(...)` is reproducible). seed given (parallelize.py, after
@@ -285,49 +290,23 @@ class Transformer(nn.Module):
         `write(param, value)` puts a full-size value into a parameter (default: copy_); parallelize.py passes one
         that keeps a sharded parameter's own shard. Tied weights are initialized once, under their first name.
         """
-        seen: set[int] = set()
-        for path, module in self.named_modules():
-            for pname, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                name = f"{path}.{pname}" if path else pname
-                kind, x = self._init_rule(name, module, pname)
-                # param.shape is the full shape, also of a sharded parameter (a DTensor)
-                value = torch.empty(param.shape, dtype=param.dtype, device=param.device)
-                if kind == "normal":
-                    gen = None if seed is None else torch.Generator(param.device).manual_seed(param_seed(seed, name))
-                    value.normal_(0.0, x, generator=gen)
-                else:
-                    value.fill_(x)  # 0 (biases) or 1 (norm gains): no draw
-                if write is None:
-                    param.copy_(value)
-                else:
-                    write(param, value)
+        for r in param_roles(self):  # each tensor once (tied weights under their first name)
+            kind, x = r.role.init(self.cfg.init_std, self.cfg.n_layers)
+            param = r.param
+            # param.shape is the full shape, also of a sharded parameter (a DTensor)
+            value = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            if kind == "normal":
+                gen = None if seed is None else torch.Generator(param.device).manual_seed(param_seed(seed, r.name))
+                value.normal_(0.0, x, generator=gen)
+            else:
+                value.fill_(x)  # 0 (biases) or 1 (norm gains): no draw
+            if write is None:
+                param.copy_(value)
+            else:
+                write(param, value)
         self.rope.reset_tables()
         for layer in moe_layers(self):
             layer.reset_buffers()
-
-    def _init_rule(self, name: str, module: nn.Module, pname: str) -> tuple[str, float]:
-        """How parameter `pname` of `module` starts: ("normal", std) for N(0, std), or ("fill", 0 or 1).
-        GPT-2's init: N(0, init_std), projections that write into the residual stream (and MoE experts' output
-        projections) / sqrt(2 * n_layers); biases 0, norm gains 1. A parameter no rule covers is an error: after
-        `to_empty` it would otherwise train from uninitialized memory."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        if pname == "bias" or pname.startswith("b_"):  # nn.Linear / LayerNorm biases; Experts' stacked b_*
-            return "fill", 0.0
-        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            return "fill", 1.0
-        if isinstance(module, nn.Linear):
-            return "normal", residual_std if getattr(module, "is_residual_out", False) else std
-        if isinstance(module, nn.Embedding):
-            return "normal", std
-        if isinstance(module, Experts):
-            return "normal", residual_std if pname == "w_out_EFD" else std
-        if isinstance(module, MoE) and pname == "w_router_ED":
-            return "normal", std
-        raise ValueError(f"no init rule for parameter {name} ({type(module).__name__}): add one in _init_rule")
 
     def forward(
         self,
@@ -403,143 +382,7 @@ class Transformer(nn.Module):
         attention counted as if non-causal, as in most published MFU figures); for MoE layers only the
         weights a token is routed through (router, shared experts, top_k routed experts) count.
         """
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)) + moe_matmul_params(self)
+        # dense matrices by role (a tied W_ue counts: the unembedding matmul runs); MoE: the weights a token uses
+        dense = (r for r in param_roles(self, tied=True) if r.role.matmul and r.role not in MOE_ROLES)
+        matmul = sum(r.param.numel() for r in dense) + moe_matmul_params(self)
         return 6.0 * matmul + 12.0 * self.cfg.n_layers * seq_len * self.cfg.d_model
-
-    @torch.no_grad()
-    def complete(
-        self,
-        prompts: Sequence[Sequence[int]] | torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        stop_token: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> list[list[int]]:
-        """Continue prompts of any lengths in one batch -> each row's new tokens, cut before its stop token.
-
-        Rows are left-padded; each keeps its own positions and never sees padding, so with greedy decoding
-        (temperature 0) a row's answer is the one it gets alone and the same with or without the cache (up
-        to fp32 rounding, which can only flip a near-tie between the top two logits). temperature > 0:
-        sample from softmax(logits / temperature), over the top_k logits if top_k, drawing from generator.
-        A row ends at its first stop_token (not returned), after max_new_tokens, or when prompt + new tokens
-        reach max_seq_len (the RoPE table and the trained context end there); a prompt longer than
-        max_seq_len is an error (cutting it would silently change the question). use_cache=False recomputes
-        every position at every step: the reference the cache is tested against. Runs in the model's
-        current mode (call .eval(): dropout). MoE layers route dropless here (`_dropless`).
-        """
-        rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
-        lengths = [len(r) for r in rows]
-        if not rows or min(lengths) == 0 or max(lengths) > self.max_seq_len:
-            raise ValueError(
-                f"complete: need at least one prompt, each of 1..max_seq_len={self.max_seq_len} tokens "
-                f"(got lengths {sorted(set(lengths))})"
-            )
-        P, device = max(lengths), self.tok_emb.weight.device
-        pad_B = torch.tensor([P - n for n in lengths], device=device)
-        idx_BT = torch.tensor([[0] * (P - n) + r for r, n in zip(rows, lengths)], device=device)  # 0: any id
-        budget_B = torch.tensor([max(0, min(max_new_tokens, self.max_seq_len - n)) for n in lengths], device=device)
-        new_BT = self._decode(idx_BT, pad_B, budget_B, _sampler(temperature, top_k, generator), stop_token, use_cache)
-        out = []
-        for row, budget in zip(new_BT.tolist(), budget_B.tolist()):
-            row = row[:budget]
-            out.append(row[: row.index(stop_token)] if stop_token in row else row)
-        return out
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx_BT: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        stop_token: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """[B, T] prompts of one length -> [B, T + n] prompts and continuations (the training samples).
-
-        Stops once every row has produced stop_token (later tokens of a row are stop_token) or after
-        max_new_tokens. Past max_seq_len the context slides (the last max_seq_len tokens, recomputed each
-        step without the cache); `complete` is the API for evaluation (any prompt lengths, no sliding).
-        """
-        B, T = idx_BT.shape
-        fits = T + max_new_tokens <= self.max_seq_len
-        budget_B = idx_BT.new_full((B,), max_new_tokens)
-        sampler = _sampler(temperature, top_k, generator)
-        new_BT = self._decode(idx_BT, idx_BT.new_zeros(B), budget_B, sampler, stop_token, use_cache and fits)
-        return torch.cat((idx_BT, new_BT), dim=1)
-
-    def _decode(
-        self,
-        idx_BT: torch.Tensor,
-        pad_B: torch.Tensor,
-        budget_B: torch.Tensor,
-        sampler: Callable[[torch.Tensor], torch.Tensor],
-        stop_token: int | None,
-        use_cache: bool,
-    ) -> torch.Tensor:
-        """The loop behind `complete` and `generate` -> new tokens [B, n], n = steps until every row is done
-        (stop token or budget). Done rows stay in the batch (static shapes) and are fed stop_token."""
-        B, T = idx_BT.shape
-        steps, padded = int(budget_B.max()), bool(pad_B.any())
-        cache, dtype = None, self.tok_emb.weight.dtype
-        if torch.is_autocast_enabled(idx_BT.device.type):
-            dtype = torch.get_autocast_dtype(idx_BT.device.type)
-        if use_cache and steps > 0:  # the last new token is never fed back: T + steps - 1 slots
-            G, K = self.cfg.n_kv_heads or self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-            cache = KVCache(len(self.blocks), pad_B, G, T + steps - 1, K, dtype)
-        done_B = budget_B <= 0
-        seq_BT, input_BT, new = idx_BT, idx_BT, []
-        with self._dropless():
-            for t in range(steps):
-                if cache is not None:
-                    logits_B1V = self(input_BT, cache=cache, last_only=True).logits
-                elif padded:
-                    logits_B1V = self(seq_BT, pad_B=pad_B, last_only=True).logits
-                else:  # the training forward; slides past max_seq_len (generate only: complete never gets there)
-                    logits_B1V = self(seq_BT[:, -self.max_seq_len :], last_only=True).logits
-                next_B = sampler(logits_B1V[:, -1].float())
-                if stop_token is not None:
-                    next_B = torch.where(done_B, stop_token, next_B)
-                    done_B = done_B | (next_B == stop_token)
-                new.append(next_B)
-                done_B = done_B | (budget_B <= t + 1)
-                if bool(done_B.all()):
-                    break
-                input_BT = next_B[:, None]
-                seq_BT = torch.cat((seq_BT, input_BT), dim=1)
-        return torch.stack(new, dim=1) if new else idx_BT.new_zeros(B, 0)
-
-    @contextlib.contextmanager
-    def _dropless(self) -> Iterator[None]:
-        """MoE layers route without capacity while generating. With a capacity factor, which tokens drop
-        depends on every token in the forward (N = B*T at prefill, B per decode step, padding included), so
-        a row's answer would depend on its batch mates and on the cache; dropless routing is per token.
-        A model trained with a capacity factor thus generates with the routing its tokens asked for."""
-        layers = moe_layers(self)
-        saved = [m.moe_cfg for m in layers]
-        for m in layers:
-            m.moe_cfg = dataclasses.replace(m.moe_cfg, capacity_factor=None)
-        try:
-            yield
-        finally:
-            for m, moe_cfg in zip(layers, saved):
-                m.moe_cfg = moe_cfg
-
-
-def _sampler(temperature: float, top_k: int | None, generator: torch.Generator | None):
-    """logits_BV (fp32) -> next token ids [B]: argmax when temperature <= 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k largest logits."""
-
-    def sample(logits_BV: torch.Tensor) -> torch.Tensor:
-        if temperature <= 0:
-            return logits_BV.argmax(-1)
-        logits_BV = logits_BV / temperature
-        if top_k:
-            kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.size(-1))).values[:, -1:]
-            logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-        return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)[:, 0]
-
-    return sample

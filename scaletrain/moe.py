@@ -3,8 +3,9 @@
 Here: the router (softmax or sigmoid scores, top-k, optional aux-loss-free selection bias), the
 stacked experts `[E, ...]` with two implementations (grouped GEMM over tokens sorted by expert, and a
 per-expert loop kept as the reference), capacity-based dropping, the balancing losses, per-layer
-statistics, and helpers the model / trainer call (`is_moe_layer`, `moe_aux_loss`, `update_moe_biases`,
-`moe_metrics`, `inactive_params`, `moe_matmul_params`). Not here: expert parallelism (all-to-all),
+statistics, and helpers the model / trainer call (`is_moe_layer`, `moe_layers`, `update_moe_biases`,
+`moe_metrics`, `inactive_params`, `moe_matmul_params`). The balancing losses are not collected here: each
+block returns its layer's `aux_loss` with its output (model.py). Not here: expert parallelism (all-to-all),
 the optimizer's treatment of router and expert weights (`optim.py`).
 
 Shape letters: the package legend (scaletrain/__init__.py): N tokens in the micro-batch (B*T), E routed
@@ -48,6 +49,7 @@ from torch import nn
 
 from scaletrain.config import Activation, BalanceScope, ModelConfig, MoEConfig, MoEImpl, RouterScore
 from scaletrain.dropout import Dropout
+from scaletrain.roles import Role
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.9
 
@@ -158,6 +160,16 @@ class Experts(nn.Module):
     def matmul_weights(self) -> list[nn.Parameter]:
         return [w for w in (self.w_in_EDF, self.w_gate_EDF, self.w_out_EFD) if w is not None]
 
+    def param_roles(self) -> dict[str, Role]:
+        return {
+            "w_in_EDF": Role.expert,
+            "w_gate_EDF": Role.expert,
+            "w_out_EFD": Role.expert_out,  # writes into the residual stream
+            "b_in_EF": Role.bias,
+            "b_gate_EF": Role.bias,
+            "b_out_ED": Role.bias,
+        }
+
     def reset_parameters(self, std: float, out_std: float) -> None:
         for w in self.matmul_weights():
             nn.init.normal_(w, mean=0.0, std=out_std if w is self.w_out_EFD else std)
@@ -267,6 +279,9 @@ class MoE(nn.Module):
         for experts in (self.experts, self.shared):
             if experts is not None:
                 experts.reset_parameters(std, out_std)
+
+    def param_roles(self) -> dict[str, Role]:
+        return {"w_router_ED": Role.router}  # the experts declare their own
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -406,12 +421,6 @@ def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the layers' aux losses from the last forward (None for a dense model)."""
-    layers = moe_layers(model)
-    return sum((m.aux_loss for m in layers[1:]), layers[0].aux_loss) if layers else None
 
 
 def update_moe_biases(model: nn.Module) -> None:

@@ -1,8 +1,9 @@
 """Muon for the hidden matrices and AdamW for everything else, in one `torch.optim.Optimizer`.
 
-Here: the role split (`param_roles`, `format_param_split`), batched Newton-Schulz (`newton_schulz`),
+Here: batched Newton-Schulz (`newton_schulz`),
 `MuonWithAdamW` (muon groups and adamw groups: one state_dict, one LambdaLR) and `build_muon`.
-Not here: the LR schedule and plain AdamW (`optim.py`).
+Not here: the LR schedule and plain AdamW (`optim.py`); which parameter goes to Muon (its role, declared by the
+module that owns it: `roles.py`).
 
 What comes from torch and what is written here by hand (torch 2.13):
 - `torch.optim.Muon` accepts 2-D tensors only, always runs Newton-Schulz in bf16 (6-12x slower than
@@ -32,7 +33,6 @@ Shape letters: the package legend (scaletrain/__init__.py); here E is the leadin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,95 +42,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adamw import adamw as adamw_functional
 
 from scaletrain.config import MuonOptimConfig
-
-# Role -> optimizer group. Decay on the AdamW side follows optim.param_groups: matrices that multiply
-# activations decay; lookup tables, norms and biases do not (so adamw and muon runs differ only in Muon).
-ROLE_GROUP = {
-    "hidden": "muon",  # attention / MLP Linear weights inside blocks
-    "expert": "muon_experts",  # stacked MoE expert weights [E, d_in, d_out] (x @ w), NS per expert
-    "embedding_proj": "adamw_decay",  # W_e
-    "unembedding": "adamw_decay",  # W_ue
-    "router": "adamw_decay",  # MoE router weight
-    "embedding": "adamw_no_decay",  # tok_emb
-    "norm": "adamw_no_decay",
-    "bias": "adamw_no_decay",
-}
-GROUP_ORDER = ("muon", "muon_experts", "adamw_decay", "adamw_no_decay")
-_WRAPPERS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}  # DDP, compile, ...
-
-
-@dataclass(frozen=True)
-class ParamRole:
-    name: str
-    param: nn.Parameter
-    role: str
-
-    @property
-    def group(self) -> str:
-        return ROLE_GROUP[self.role]
-
-
-def _role(path: str, module: nn.Module, pname: str, p: Tensor) -> str:
-    """The role of parameter `pname` of `module` (at dotted `path`); raises if no rule claims it.
-
-    A module can declare roles explicitly with an `optim_roles = {"param_name": "role"}` attribute
-    (e.g. a 2-D per-expert scale that is not a matrix to orthogonalize); that wins over the rules.
-    """
-    declared = getattr(module, "optim_roles", {}).get(pname)
-    if declared is not None:
-        if declared not in ROLE_GROUP:
-            raise ValueError(
-                f"{path}.{pname}: optim_roles names unknown role {declared!r}; known: {sorted(ROLE_GROUP)}"
-            )
-        return declared
-    parts = path.split(".")
-    in_blocks = parts[0] == "blocks"
-    if pname == "bias" or pname.startswith("b_"):  # nn.Linear bias; moe.Experts' stacked b_in_EF, ...
-        return "bias"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return "norm"
-    if path == "W_e":
-        return "embedding_proj"
-    if path == "W_ue":
-        return "unembedding"
-    if in_blocks and ("router" in pname or {"router", "gate"} & set(parts)):  # moe.MoE.w_router_ED
-        return "router"
-    if in_blocks and isinstance(module, nn.Linear):
-        return "hidden"
-    if in_blocks and p.ndim == 3:
-        return "expert"
-    raise ValueError(
-        f"no optimizer role for parameter {path}.{pname} (shape {tuple(p.shape)}, module "
-        f"{type(module).__name__}); add a rule in scaletrain/muon.py::_role or declare it with "
-        f"`optim_roles = {{{pname!r}: <role>}}` on the module (roles: {sorted(ROLE_GROUP)})"
-    )
-
-
-def param_roles(model: nn.Module) -> list[ParamRole]:
-    """Every trainable parameter once (tied tensors under their first owner), with its role."""
-    roles, seen = [], set()
-    for mpath, module in model.named_modules():
-        path = ".".join(part for part in mpath.split(".") if part not in _WRAPPERS)
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            roles.append(ParamRole(f"{path}.{pname}" if path else pname, p, _role(path, module, pname, p)))
-    return roles
-
-
-def format_param_split(model: nn.Module) -> str:
-    """The audit table printed at start: one line per parameter (group, name, shape, role), then totals."""
-    roles = param_roles(model)
-    width = max(len(r.name) for r in roles)
-    lines = ["optimizer split (group  parameter  shape  role):"]
-    lines += [f"  {r.group:<14} {r.name:<{width}}  {str(list(r.param.shape)):<14} {r.role}" for r in roles]
-    for g in GROUP_ORDER:
-        members = [r.param for r in roles if r.group == g]
-        lines.append(f"  total {g}: {len(members)} tensors, {sum(p.numel() for p in members) / 1e6:.3f}M parameters")
-    return "\n".join(lines)
+from scaletrain.roles import GROUPS, param_roles
 
 
 def newton_schulz_flops(model: nn.Module, ns_steps: int) -> float:
@@ -140,7 +52,7 @@ def newton_schulz_flops(model: nn.Module, ns_steps: int) -> float:
     Counted the same under DDP/FSDP2 (the work is dealt out across ranks, not repeated)."""
     total = 0.0
     for r in param_roles(model):
-        if ROLE_GROUP[r.role] not in ("muon", "muon_experts"):
+        if r.group not in ("muon", "muon_experts"):
             continue
         *lead, rows, cols = r.param.shape
         m, n = min(rows, cols), max(rows, cols)
@@ -445,7 +357,7 @@ def _back_to_shards(o: Tensor, like: Tensor, src: int | None) -> Tensor:
 def build_muon(model: nn.Module, cfg: MuonOptimConfig, foreach: bool, fused: bool) -> MuonWithAdamW:
     """Muon (`cfg.muon`) for hidden matrices; AdamW (`cfg.lr/betas/eps/weight_decay`) for the rest."""
     roles = param_roles(model)
-    named = {g: [(r.name, r.param) for r in roles if r.group == g] for g in GROUP_ORDER}
+    named = {g: [(r.name, r.param) for r in roles if r.group == g] for g in GROUPS}
     m = cfg.muon
     muon_kw: dict[str, Any] = dict(
         lr=m.lr,
@@ -465,6 +377,6 @@ def build_muon(model: nn.Module, cfg: MuonOptimConfig, foreach: bool, fused: boo
         adamw_group(named["adamw_decay"], **adamw_kw, weight_decay=cfg.weight_decay),
         adamw_group(named["adamw_no_decay"], **adamw_kw, weight_decay=0.0),
     ]
-    for group, name in zip(groups, GROUP_ORDER):
+    for group, name in zip(groups, GROUPS):
         group["group"] = name
     return MuonWithAdamW([g for g in groups if g["params"]])

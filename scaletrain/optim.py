@@ -1,35 +1,42 @@
 """Optimizer and LR-schedule builders.
 
-Here: weight-decay parameter groups, `build_optimizer` (one builder per optimizer schema of config.py:
-AdamW, fused on CUDA and CPU, foreach elsewhere; Muon, from `muon.py`) and `lr_at` / `build_scheduler`
+Here: weight-decay parameter groups, the built-in builders (AdamW, fused on CUDA and CPU, foreach elsewhere; Muon,
+from `muon.py`), `build_optimizer` (calls the builder the config's `_target_` names) and `lr_at` / `build_scheduler`
 (linear warmup, then cosine, linear, WSD or constant). Not here: Muon's update itself (`muon.py`).
-A new optimizer: its schema in config.py, a builder registered in BUILDERS here, a YAML in conf/optim/.
+A new optimizer (here or in a plugin package): a schema subclassing config.OptimConfig whose `_target_` names its
+builder, and a YAML in an `optim/` config folder (examples/scaletrain_lion).
 
 Decay policy (as in nanoGPT / OLMo): weight decay only on matrices that multiply activations; no
 decay on norms, biases (including stacked MoE expert biases) or the token embedding. W_e, W_ue and the
-MoE router are linear maps and are decayed. Roles come from `muon.param_roles`.
+MoE router are linear maps and are decayed. Roles come from `roles.param_roles`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from scaletrain.config import AdamWConfig, Decay, MuonOptimConfig, OptimConfig, OptimImpl, ScheduleConfig
-from scaletrain.muon import build_muon, param_roles
-
-NO_DECAY_ROLES = ("embedding", "norm", "bias")
+from scaletrain.config import (
+    AdamWConfig,
+    Decay,
+    MuonOptimConfig,
+    OptimConfig,
+    OptimImpl,
+    ScheduleConfig,
+    resolve_target,
+)
+from scaletrain.muon import build_muon
+from scaletrain.roles import param_roles
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay / no-decay groups from the parameter roles that also drive Muon's split (muon.param_roles),
-    so AdamW and Muon runs agree on what is decayed."""
+    """Decay / no-decay groups from the parameter roles that also drive Muon's split (roles.py), so AdamW and
+    Muon runs agree on what is decayed. Public: a plugin optimizer builds its groups with it."""
     decay, no_decay = [], []
     for r in param_roles(model):
-        (no_decay if r.role in NO_DECAY_ROLES else decay).append(r.param)
+        (decay if r.role.decay else no_decay).append(r.param)
     return [
         {"params": decay, "weight_decay": weight_decay, "group": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
@@ -60,22 +67,16 @@ def build_muon_with_adamw(model: nn.Module, cfg: MuonOptimConfig, device_type: s
     return build_muon(model, cfg, **_impl_flags(cfg.implementation, device_type))
 
 
-# schema -> builder; the most derived schema wins (MuonOptimConfig is also an AdamWConfig)
-BUILDERS: dict[type[OptimConfig], Callable[..., torch.optim.Optimizer]] = {
-    MuonOptimConfig: build_muon_with_adamw,
-    AdamWConfig: build_adamw,
-}
-
-
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    """The optimizer `cfg`'s schema stands for."""
-    for schema in type(cfg).__mro__:
-        if schema in BUILDERS:
-            return BUILDERS[schema](model, cfg, device_type)
-    raise ValueError(
-        f"optim: no builder for {type(cfg).__name__} (optim.name={cfg.name!r}); "
-        f"known: {', '.join(s.__name__ for s in BUILDERS)}"
-    )
+    """The optimizer `cfg` names: its `_target_` builder (`fn(model, cfg, device_type)`: the built-ins above or a
+    plugin's), checked to return a torch Optimizer (the LR schedule and the checkpoint need one)."""
+    builder = resolve_target(cfg._target_, "optim._target_")
+    optimizer = builder(model, cfg, device_type)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optim._target_={cfg._target_} returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
+        )
+    return optimizer
 
 
 def lr_at(step: int, max_steps: int, base_lr: float, s: ScheduleConfig) -> float:

@@ -40,6 +40,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from scaletrain.config import BadInput
+
 # ----------------------------------------------------------------------------------------------------
 # File names of a run directory
 
@@ -313,8 +315,10 @@ def read_wandb_id(run_dir: str | os.PathLike) -> str | None:
         return None
 
 
-class RunDirInUse(ValueError):
+class RunDirInUse(BadInput, ValueError):
     """A fresh run was pointed at a folder holding another run's records."""
+
+    kind = "run folder"
 
 
 def check_run_dir_free(run_dir: str | os.PathLike, overwrite: bool) -> list[Path]:

@@ -9,7 +9,7 @@ lacks, and `--cfg job` validates what it prints; a command that will run also ha
 what needs the job's machine or run dir, before minutes of data and model setup) -> `trainer.train` in Hydra's
 run (or sweep job) directory.
 
-Bad input (the error types of `_bad_input_kind`, whose messages name the key or file and the fix) ends a single
+Bad input (`config.BadInput` and its subclasses, whose messages name the key or file and the fix) ends a single
 run with one line `<kind> error: <message>` and exit code 2; under -m the job fails, its error names the job
 and its log file, and the sweep goes on. Any other exception is a bug and keeps its traceback. Ranks, devices
 and preemption live in distributed.py.
@@ -17,6 +17,7 @@ and preemption live in distributed.py.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -29,8 +30,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from scaletrain import records
+from scaletrain.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, sweep_jobs
 from scaletrain.config import (
     RESUME_KEYWORDS,
+    BadInput,
     Config,
     ConfigError,
     load_config,
@@ -40,12 +43,16 @@ from scaletrain.config import (
     unwritable,
 )
 
-register_configs()
+try:  # at import: a sweep job unpickling main() needs the schemas too
+    register_configs()
+except BadInput as _err:  # a plugin that does not import: one line, before Hydra starts
+    print(f"{_err.kind} error: {_err}", file=sys.stderr)
+    raise SystemExit(2) from None
 # submitit's local executor sets CUDA_VISIBLE_DEVICES for every job; keep what this shell had, so that the
 # jobs of a local sweep can share out all of its GPUs (scaletrain.distributed.claim_local_slot)
 os.environ.setdefault("SCALETRAIN_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SWEPT_KEYS_ENV = "SCALETRAIN_SWEPT_KEYS"  # set by cli() for the jobs of a sweep: which keys the sweep varies
+SEARCHPATH = "hydra.searchpath"  # user config folders: hydra.searchpath=[file:///path/to/conf] (see compose.py)
 MAX_PREFLIGHT_JOBS = 256  # a larger sweep has its first jobs checked here, every job still checks itself
 
 
@@ -80,30 +87,9 @@ def _fail(kind: str, err: Exception) -> None:
 
 
 def _bad_input_kind(err: BaseException) -> str | None:
-    """The word a one-line message starts with, for the error types that mean bad input (their messages name the
-    key or file, what was expected and the fix); None for anything else: a bug, which keeps its traceback."""
-    if isinstance(err, ConfigError):
-        return "config"
-    # the other kinds live in modules that import torch: imported only on this error path
-    from scaletrain.checkpoint import CheckpointError, CheckpointIncompatible, NoSpaceError, ResumeNotFound
-    from scaletrain.data import DataError
-    from scaletrain.hardware import DeviceUnavailable
-    from scaletrain.metrics import WandbUnavailable
-    from scaletrain.trainer import NonFiniteError
-
-    if isinstance(err, records.RunDirInUse):
-        return "run folder"
-    kinds: dict[type[Exception], str] = {
-        DataError: "data",
-        ResumeNotFound: "config",
-        NoSpaceError: "disk",
-        NonFiniteError: "training",
-        CheckpointError: "checkpoint",
-        CheckpointIncompatible: "checkpoint",
-        DeviceUnavailable: "device",
-        WandbUnavailable: "wandb",
-    }
-    return next((kind for cls, kind in kinds.items() if isinstance(err, cls)), None)
+    """The word a one-line message starts with, for bad input (config.BadInput: its message names the key or file,
+    what was expected and the fix); None for anything else: a bug, which keeps its traceback."""
+    return err.kind if isinstance(err, BadInput) else None
 
 
 def _override_key(override: str) -> str:
@@ -146,8 +132,7 @@ def check_job(cfg: Config, run_dir: Path) -> None:
         check_wandb(cfg.logging.wandb)
 
 
-# an absolute path: the console script has no package for Hydra to resolve "../conf" against
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
 def main(dcfg: DictConfig) -> float | None:
     try:
         cfg = load_config(dcfg)  # the one conversion: typed dataclasses from here on
@@ -174,7 +159,7 @@ def main(dcfg: DictConfig) -> float | None:
         if hc.mode == RunMode.MULTIRUN:
             raise _job_failed(err) from err
         raise
-    return summary["val_loss"]
+    return summary.val_loss
 
 
 # ---------------------------------------------------------------------------------------------- preflight
@@ -185,8 +170,9 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     from hydra import compose
 
     msg = str(err).strip()
-    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", msg)
-    options = list(getattr(err, "options", None) or [])
+    missing = re.search(r"Could not find '(.+)/([^'/]+)'", msg)
+    # the schemas the options stack on (`<name>_schema`, ConfigStore) are not options a user picks
+    options = [o for o in getattr(err, "options", None) or [] if not o.endswith("_schema")]
     if missing and options:  # model=baseline10m
         return msg.split("\n")[0] + suggest(missing.group(2), options) + f"; available: {', '.join(options)}"
     key = re.search(r"Could not override '([^']+)'", msg)
@@ -198,7 +184,9 @@ def _explain(err: Exception, overrides: list[str]) -> str:
         node = OmegaConf.select(base, parent) if parent else base
         keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
         if not parent:
-            keys += [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+            from hydra.core.global_hydra import GlobalHydra
+
+            keys += list(GlobalHydra.instance().config_loader().list_groups(""))
         return (
             f"{path}: no such key{suggest(leaf, keys)}; valid keys{' of ' + parent if parent else ''}: "
             f"{', '.join(sorted(set(keys)))}"
@@ -216,10 +204,11 @@ def _explain(err: Exception, overrides: list[str]) -> str:
 def _jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:
     """The override list of every job the command starts, and the keys the sweep varies."""
     from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    user = [o for o in overrides if not _override_key(o).startswith("hydra")]
+    # Hydra's own keys are set by hydra.main, except the search path, which decides what the config is made of
+    user = [o for o in overrides if not _override_key(o).startswith("hydra") or _override_key(o) == SEARCHPATH]
     if not multirun:
         return [user], []
     parser = OverridesParser.create()
@@ -230,11 +219,10 @@ def _jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]], list[s
         return_hydra_config=True,
     )
     recipe = {str(k): str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
-    # as Hydra's basic sweeper: the recipe's grid first, the command line after it (and winning)
     grid = parser.parse_overrides([f"{k}={v}" for k, v in recipe.items()]) + parsed
     swept = list(dict.fromkeys([o.get_key_element().lstrip("+~") for o in grid if o.is_sweep_override()]))
-    batches = BasicSweeper.split_arguments(grid, max_batch_size=None)
-    return [job for batch in batches for job in batch][:MAX_PREFLIGHT_JOBS], swept
+    jobs = sweep_jobs(user, recipe, config_loader=GlobalHydra.instance().config_loader())
+    return jobs[:MAX_PREFLIGHT_JOBS], swept
 
 
 def _check_output_dir(first_job: list[str], overrides: list[str], multirun: bool, cfg: Config) -> None:
@@ -245,7 +233,7 @@ def _check_output_dir(first_job: list[str], overrides: list[str], multirun: bool
     from hydra import compose
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    hydra_overrides = [o for o in overrides if _override_key(o).startswith("hydra")]
+    hydra_overrides = [o for o in overrides if _override_key(o).startswith("hydra") and _override_key(o) != SEARCHPATH]
     composed = compose(config_name="config", overrides=[*first_job, *hydra_overrides], return_hydra_config=True)
     folder = str(OmegaConf.select(composed, key))  # ${now:...} resolves to this second: the same parent folders
     problem = unwritable(folder)
@@ -260,11 +248,11 @@ def preflight(overrides: list[str], multirun: bool, will_run: bool = True) -> No
     message (naming the key or option, and the nearest valid one) on the first that fails. A command that
     will run (not `--cfg`) also has its output folder checked and, for a single run, `train.resume=PATH`
     (a sweep's jobs check their own in `check_job`: they may run on other machines)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:
             jobs, swept = _jobs(overrides, multirun)
             configs = []
@@ -292,12 +280,36 @@ def preflight(overrides: list[str], multirun: bool, will_run: bool = True) -> No
         os.environ[SWEPT_KEYS_ENV] = "|".join(swept)
 
 
+INFO_CHOICES = ["all", "config", "defaults", "defaults-tree", "plugins", "searchpath"]
+
+
+def hydra_args_parser() -> argparse.ArgumentParser:
+    """The command line as `hydra.main` reads it: Hydra's own flags, declared as Hydra 1.3 declares them (same
+    names, order, kinds), so that cli() splits flags from overrides exactly as Hydra will. Hydra keeps its parser
+    private; tests/test_compose.py compares this one with it, so a flag a later Hydra adds is noticed."""
+    parser = argparse.ArgumentParser(add_help=False, description="Hydra")
+    parser.add_argument("--help", "-h", action="store_true", help="Application's help")
+    parser.add_argument("--hydra-help", action="store_true", help="Hydra's help")
+    parser.add_argument("--version", action="version", version=f"Hydra {hydra.__version__}", help="Hydra's version")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--cfg", "-c", choices=["job", "hydra", "all"], help="Show config instead of running")
+    parser.add_argument("--resolve", action="store_true", help="With --cfg: resolve interpolations")
+    parser.add_argument("--package", "-p", help="Config package to show")
+    parser.add_argument("--run", "-r", action="store_true", help="Run a job")
+    parser.add_argument("--multirun", "-m", action="store_true", help="Run multiple jobs (a sweep)")
+    parser.add_argument("--shell-completion", "-sc", action="store_true", help="Install or uninstall shell completion")
+    parser.add_argument("--config-path", "-cp", help="Overrides the config_path of hydra.main()")
+    parser.add_argument("--config-name", "-cn", help="Overrides the config_name of hydra.main()")
+    parser.add_argument("--config-dir", "-cd", help="Adds a config dir to the search path")
+    parser.add_argument("--experimental-rerun", help="Rerun a job from a previous config pickle")
+    parser.add_argument("--info", "-i", const="all", nargs="?", choices=INFO_CHOICES, help="Print Hydra information")
+    return parser
+
+
 def cli() -> None:
     """The console script (`scaletrain-run`): preflight, then Hydra. Hydra's own flags that print help,
     install shell completion or use another config skip the preflight."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args()
+    args, _ = hydra_args_parser().parse_known_args()
     own_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
     if not (args.help or args.hydra_help or args.shell_completion or args.info or own_config):
         preflight(args.overrides, args.multirun, will_run=args.cfg is None)

@@ -16,20 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from scaletrain import checkpoint as ckpt
 from scaletrain import records
-from scaletrain.config import Config, ConfigError, SourceConfig, load_config, register_configs
+from scaletrain.compose import compose
+from scaletrain.config import BadInput, Config, ConfigError, SourceConfig, load_config
 from scaletrain.data import Tokenizer
 from scaletrain.model import Transformer
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-
-class RunFolderError(ValueError):
+class RunFolderError(BadInput, ValueError):
     """A folder that is not (or not yet) a usable run: the message names the file missing and what to do."""
+
+    kind = "run folder"
 
 
 @dataclass
@@ -52,9 +52,12 @@ def config_of_run(run_dir: Path, overrides: list[str] | None = None) -> Config:
     overrides = list(overrides or [])
     choice = [o for o in overrides if o.startswith("data=")]
     keys = [o for o in overrides if not o.startswith("data=")]
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = compose(config_name="config", overrides=["~local", f"optim={saved['optim']['name']}", *choice])
+    # the run's component options (their schemas type the saved keys); a run from before model/attention or
+    # model/mlp: the built-in sdpa / mlp
+    attention = saved["model"].get("attention", {}).get("name", "sdpa")
+    mlp = saved["model"].get("mlp", {}).get("name", "mlp")
+    components = [f"optim={saved['optim']['name']}", f"model/attention={attention}", f"model/mlp={mlp}"]
+    base = compose(["~local", *components, *choice])
     if choice:  # the chosen data option's section, as composed
         saved = {k: v for k, v in saved.items() if k != "data"}
     else:  # the run's own sources exactly: drop the default option's others, add the run's (typed) by name

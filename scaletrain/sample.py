@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from scaletrain.config import ConfigError, SourceKind
+from scaletrain.config import BadInput, SourceKind
 from scaletrain.data import synthetic
+from scaletrain.generate import complete
 from scaletrain.runs import LoadedRun, RunFolderError, load_run
 
 
@@ -37,8 +38,8 @@ def continuations(
     """`n` continuations of `prompt` (the text after it, cut at end-of-text)."""
     ids = run.tokenizer.encode(prompt)
     gen = torch.Generator(device=next(run.model.parameters()).device).manual_seed(seed)
-    new = run.model.complete(
-        [ids] * n, max_new_tokens, temperature, top_k, stop_token=run.tokenizer.eot_id, generator=gen
+    new = complete(
+        run.model, [ids] * n, max_new_tokens, temperature, top_k, stop_token=run.tokenizer.eot_id, generator=gen
     )
     return [run.tokenizer.decode(row) for row in new]
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.run_dir, args.checkpoint, args.device)
         prompt = args.prompt if args.prompt is not None else default_prompt(run)
         texts = continuations(run, prompt, args.n, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
-    except (RunFolderError, ConfigError, ValueError, OSError) as err:
+    except (BadInput, ValueError, OSError) as err:
         print(f"sample error: {err}", file=sys.stderr)
         return 2
     print(f"# {run.weights} (step {run.step}), prompt {prompt!r}")

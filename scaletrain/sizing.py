@@ -11,7 +11,7 @@ none of the libraries this project builds on estimates activations, activation c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,9 @@ from scaletrain.config import (
     GPT2_VOCAB_SIZE,
     Activation,
     ActivationCheckpointing,
+    AttentionConfig,
     Config,
+    MLPConfig,
     Norm,
     ParallelMode,
     Precision,
@@ -28,8 +30,8 @@ from scaletrain.config import (
 )
 from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers
-from scaletrain.muon import param_roles
 from scaletrain.records import write_json
+from scaletrain.roles import param_roles
 
 SIZING_FILE = "sizing.json"
 
@@ -53,6 +55,25 @@ def dry_run(cfg: Config, run_dir: Path) -> Sizing:
     print(format_sizing(sizing, cfg.model.name))
     write_json(Path(run_dir) / SIZING_FILE, sizing.to_dict())
     return sizing
+
+
+def formula_notes(cfg: Config, model: Transformer) -> list[str]:
+    """What the activation formulas below cannot know: they model the built-in attention (SDPA) and MLP op by op,
+    so a plugin's component (its own tensors kept for the backward) is counted as the built-in in its place.
+    Weights, gradients and optimizer state come from the model's own parameters and stay exact."""
+    m, notes = cfg.model, []
+    estimate = "activation memory (and the largest micro-batch) counts the built-in"
+    if m.attention._target_ != AttentionConfig._target_:
+        notes.append(
+            f"model.attention={m.attention.name} ({m.attention._target_}) is not the built-in attention: "
+            f"{estimate} SDPA attention in its place, not what this one keeps"
+        )
+    if m.mlp._target_ != MLPConfig._target_ and len(moe_layers(model)) < m.n_layers:  # some layer is dense
+        notes.append(
+            f"model.mlp={m.mlp.name} ({m.mlp._target_}) is not the built-in MLP: {estimate} MLP "
+            f"(model.activation={m.activation}, model.d_ff={m.d_ff}) in its place, not what this one keeps"
+        )
+    return notes
 
 
 def activation_elements(cfg: Config, model: Transformer) -> dict[str, float]:
@@ -197,6 +218,7 @@ class Sizing:
     total_gb: dict[str, float]
     max_micro_batch: dict[str, int]  # per AC mode, in gpu_mem_gb * USABLE
     gpu_mem_gb: float
+    notes: list[str] = field(default_factory=list)  # what the formulas do not model (formula_notes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -243,6 +265,7 @@ def size(cfg: Config, gpus: int, gpu_mem_gb: float, micro_batch: int | None = No
         total_gb={m: (fixed + v) / GB for m, v in acts.items()},
         max_micro_batch=fits,
         gpu_mem_gb=gpu_mem_gb,
+        notes=formula_notes(cfg, model),
     )
 
 
@@ -260,4 +283,5 @@ def format_sizing(s: Sizing, name: str) -> str:
         lines.append(
             f"  {mode:<24} {s.activations_gb[mode]:9.2f} GB {s.total_gb[mode]:8.2f} GB   {s.max_micro_batch[mode]}"
         )
+    lines.extend(f"  note: {note}" for note in s.notes)
     return "\n".join(lines)

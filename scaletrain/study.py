@@ -38,15 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaletrain import records
-from scaletrain.config import Config, ConfigError, StudyConfig, StudyMatch, to_dict
+from scaletrain.config import BadInput, Config, ConfigError, StudyConfig, StudyMatch, to_dict
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STUDY_FILE = "study.json"
+# study settings removed since the first studies began, that never shaped a job: an older study.json's value is ignored
+REMOVED_SETTINGS = ("expected_minutes",)  # a wall-time estimate; the recipes keep it as a comment
 TUNING_MD = "tuning.md"
 
 
-class StudyError(Exception):
+class StudyError(BadInput, Exception):
     """A study that cannot go on; the message names the file or setting and the way out."""
+
+    kind = "study"
 
 
 @dataclass
@@ -67,25 +70,22 @@ class Phase:
 def compose(overrides: list[str], check_grid: bool = False) -> Config:
     """The typed config of the command line (the recipe and its study section). `check_grid`: refuse a recipe
     that also sweeps keys through hydra.sweeper.params (each phase's multirun would multiply its jobs by them)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from scaletrain.config import load_config, register_configs
+    from scaletrain.compose import compose as compose_tree
+    from scaletrain.config import load_config
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        composed = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=check_grid)
-        if check_grid:
-            params = OmegaConf.select(composed, "hydra.sweeper.params") or {}
-            if params:
-                raise ConfigError(
-                    f"hydra.sweeper.params: the recipe also sweeps {sorted(params)}; a study declares its arms in "
-                    "study.arms and its seeds in study.seeds (remove the sweep grid from the recipe)"
-                )
-            with open_dict(composed):
-                del composed["hydra"]
-        return load_config(composed)
+    composed = compose_tree(overrides, return_hydra_config=check_grid)
+    if check_grid:
+        params = OmegaConf.select(composed, "hydra.sweeper.params") or {}
+        if params:
+            raise ConfigError(
+                f"hydra.sweeper.params: the recipe also sweeps {sorted(params)}; a study declares its arms in "
+                "study.arms and its seeds in study.seeds (remove the sweep grid from the recipe)"
+            )
+        with open_dict(composed):
+            del composed["hydra"]
+    return load_config(composed)
 
 
 def fmt(value: float) -> str:
@@ -151,6 +151,7 @@ class Study:
             old_study = old.get("study")
             if isinstance(old_study, dict):  # a setting added since that study began counts at its default
                 old_study = {**{k: v for k, v in _study_defaults().items() if k not in old_study}, **old_study}
+                old_study = {k: v for k, v in old_study.items() if k not in REMOVED_SETTINGS}
             if {**{k: old.get(k) for k in record}, "study": old_study} != record:
                 raise StudyError(
                     f"{path} was started with other settings (overrides {old.get('overrides')}, its study section); "
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nothing to run: every job of {root} finished; without --dry-run the report is written again")
             return 0
         paths = report(root, cfg.study, Path(args.out) if args.out else root / "report")
-    except (ConfigError, StudyError) as err:
+    except BadInput as err:  # ConfigError, StudyError, a plugin that does not import, ...
         print(f"study error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # Hydra's compose errors name the key

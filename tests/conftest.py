@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from scaletrain import records
+from scaletrain.compose import compose
 from scaletrain.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "scaletrain" / "conf"
 SHARED = Path(os.environ.get("SCALETRAIN_SHARED", REPO.parent / "shared")).resolve()
 TINYSTORIES = SHARED / "data" / "tinystories"
 DEBUG = "cpu_tiny"  # conf/debug/cpu_tiny.yaml: the tiny CPU settings every training test starts from
@@ -32,8 +32,7 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
     overrides = list(overrides or [])
     if not any(o.lstrip("~+").startswith("local") for o in overrides):
         overrides.append(NO_LOCAL)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,9 @@ def test_naive_yardstick_computes_the_same_function_as_the_scaletrain_model():
 def test_naive_yardstick_refuses_configs_it_does_not_implement():
     with pytest.raises(SystemExit, match=r"model.activation=swiglu.*moe=top2_8e"):
         main(["model=moe_8x", "model.activation=swiglu", "--naive", "--steps", "1", "--warmup", "0"])
+    user = "torch.nn.Identity"  # another component than the built-in (nn.Identity takes any constructor arguments)
+    with pytest.raises(SystemExit, match=rf"model.attention=sdpa \({user}; .*model.mlp=mlp \({user}; naive has"):
+        main([f"model.attention._target_={user}", f"model.mlp._target_={user}", "--naive", "--steps", "1"])
 
 
 def test_naive_attention_is_causal():

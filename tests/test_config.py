@@ -13,11 +13,23 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from scaletrain.config import ConfigError, validate
+from scaletrain.config import ConfigError, load_config
 
 from .conftest import CONF_DIR, NO_LOCAL, REPO, compose_cfg, tiny_overrides
 
-GROUPS = ["model", "moe", "optim", "data", "cluster", "train", "logging", "experiment", "debug"]
+GROUPS = [
+    "model",
+    "model/attention",
+    "model/mlp",
+    "moe",
+    "optim",
+    "data",
+    "cluster",
+    "train",
+    "logging",
+    "experiment",
+    "debug",
+]
 # conf/local holds this machine's git-ignored files: only the committed example is a shipped option
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))] + [("local", "example")]
 NAMELESS = ("experiment", "logging", "debug", "local")  # groups whose options carry no `name` key
@@ -30,9 +42,9 @@ def test_every_config_group_exists_with_at_least_one_option():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_shipped_option_composes_and_validates(group, option):
     cfg = compose_cfg([f"{group}={option}"])
-    validate(cfg)
+    load_config(cfg)
     if group not in NAMELESS:
-        assert cfg[group].name == option
+        assert OmegaConf.select(cfg, group.replace("/", ".")).name == option
 
 
 def test_default_composition_is_the_seed_baseline():
@@ -75,7 +87,7 @@ def test_model_variants_differ_from_baseline_10m_exactly_in_the_keys_their_yaml_
 
 def test_debug_cpu_tiny_sets_the_tiny_cpu_run_and_wins_over_an_experiment_recipe():
     cfg = compose_cfg(["debug=cpu_tiny", "experiment=quickstart"])  # quickstart: small_5m, seq_len 256, lr 2e-3
-    validate(cfg)
+    load_config(cfg)
     assert (cfg.experiment, cfg.model.name, cfg.data.seq_len, cfg.data.tokenizer.vocab_size) == (
         "quickstart",
         "tiny",
@@ -180,7 +192,7 @@ def test_unknown_option_lists_available_ones():
 def test_inconsistent_values_fail_validation_naming_the_key(override, key):
     cfg = compose_cfg(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(cfg)
+        load_config(cfg)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -214,10 +226,16 @@ def test_console_scripts_run_from_any_folder(tmp_path):
     assert res.returncode == 0 and "--experiment" in res.stdout
 
 
-def test_cli_cfg_job_prints_the_resolved_config():
-    res = run_cli("--cfg", "job", "model=tiny", "train.seed=7")
-    assert res.returncode == 0
-    assert "name: tiny" in res.stdout and "seed: 7" in res.stdout and "d_model: 128" in res.stdout
+def test_cli_cfg_job_prints_the_composed_config():
+    """stdout is YAML and holds exactly the config `compose` gives for the same overrides: every group, every key
+    (interpolations as written, as Hydra prints them), nothing else."""
+    overrides = ["model=tiny", "train.seed=7"]
+    res = run_cli("--cfg", "job", *overrides)
+    assert res.returncode == 0, res.stderr
+    printed = OmegaConf.to_container(OmegaConf.create(res.stdout), resolve=False)
+    composed = OmegaConf.to_container(compose_cfg(overrides), resolve=False, enum_to_str=True)
+    assert printed == composed
+    assert printed["model"]["name"] == "tiny" and printed["model"]["d_model"] == 128 and printed["train"]["seed"] == 7
 
 
 @pytest.mark.parametrize(
@@ -240,3 +258,25 @@ def test_a_run_folder_config_reads_back_exactly_whatever_its_sources_are_named(t
     assert config_of_run(tmp_path) == cfg
     again = config_of_run(tmp_path, ["train.eval_problems=7"])
     assert again.train.eval_problems == 7 and again.data == cfg.data
+
+
+def test_a_run_and_a_checkpoint_saved_before_model_attention_and_model_mlp_existed_still_load_and_resume(tmp_path):
+    """Their config.json has no `model.attention` / `model.mlp` node: it meant the built-ins (sdpa, mlp), so the run
+    folder reads back as today's default and a resume sees no change; another MLP than the saved one still blocks."""
+    import copy
+
+    from scaletrain import records
+    from scaletrain.checkpoint import config_changes
+    from scaletrain.config import to_dict
+    from scaletrain.runs import config_of_run
+
+    cfg = load_config(compose_cfg())
+    assert (cfg.model.attention.name, cfg.model.mlp.name) == ("sdpa", "mlp")
+    now = to_dict(cfg)
+    old = copy.deepcopy(now)
+    del old["model"]["attention"], old["model"]["mlp"]
+    records.write_json(tmp_path / records.CONFIG_FILE, old)
+    assert config_of_run(tmp_path) == cfg
+    assert config_changes(old, now) == ([], [])
+    now["model"]["mlp"]["_target_"] = "torch.nn.Identity"
+    assert config_changes(old, now) == (["model.mlp._target_: torch.nn.Identity (checkpoint: (absent))"], [])

@@ -21,7 +21,7 @@ import torch
 
 from scaletrain import checkpoint as ckpt
 from scaletrain import distributed as D
-from scaletrain.config import ConfigError, load_config, validate
+from scaletrain.config import ConfigError, load_config
 from scaletrain.model import Transformer
 from scaletrain.moe import MoE
 from scaletrain.optim import build_optimizer
@@ -143,9 +143,9 @@ def test_a_second_local_job_on_the_same_slot_waits_for_the_first(tmp_path):
 
 def test_every_gpu_is_a_rank_or_the_config_says_why():
     with pytest.raises(ConfigError, match="cluster.tasks_per_node.*one rank per GPU"):
-        validate(compose_cfg(["cluster=slurm", "cluster.gpus_per_node=4", "cluster.tasks_per_node=2"]))
+        load_config(compose_cfg(["cluster=slurm", "cluster.gpus_per_node=4", "cluster.tasks_per_node=2"]))
     cfg = compose_cfg(["cluster=slurm", "cluster.gpus_per_node=4", "cluster.partition=gpu", "cluster.qos=high"])
-    validate(cfg)
+    load_config(cfg)
     assert (cfg.cluster.tasks_per_node, cfg.cluster.partition) == (4, "gpu")
 
 
@@ -369,7 +369,8 @@ def test_two_fsdp2_ranks_with_muon_match_one_process_and_resume_exactly(
     cfg = load_config(compose_cfg(_overrides(tinystories_dir, data_cache, optim="muon")))
     model = Transformer(cfg.model, cfg.data.tokenizer.vocab_size, cfg.data.seq_len, cfg.moe)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
-    assert ckpt.load_sharded_checkpoint(step3, model, optimizer)["step"] == 3
+    assert ckpt.load_checkpoint(step3)["step"] == 3  # verifies every file, then the shards:
+    ckpt.load_sharded_state(step3, model, optimizer)
     whole = ckpt.load_checkpoint(gathered)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, whole["model"][name], rtol=0, atol=1e-6)

@@ -9,8 +9,8 @@ import torch
 
 from scaletrain.config import ModelConfig
 from scaletrain.data import EvalProblem, Tokenizer
+from scaletrain.evaluator import exact_match
 from scaletrain.model import Transformer
-from scaletrain.trainer import exact_match
 
 from .conftest import compose_cfg, read_summary, tiny_overrides
 
@@ -27,32 +27,34 @@ def gpt2(tinystories_dir) -> Tokenizer:
     return Tokenizer.from_gpt2_files(tinystories_dir.parent / "gpt2_tokenizer")
 
 
-def _oracle(tokenizer: Tokenizer, replies: dict[str, str], max_seq_len: int = 64) -> Transformer:
-    """A real (tiny) Transformer whose generation is replaced by fixed replies keyed by the prompt's text."""
+def _oracle(monkeypatch, tokenizer: Tokenizer, replies: dict[str, str], max_seq_len: int = 64) -> Transformer:
+    """A real (tiny) Transformer whose generation (`generate.complete`, as exact_match calls it) is replaced by
+    fixed replies keyed by the prompt's text. One oracle at a time: the replacement answers for this model only."""
     model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32), tokenizer.vocab_size, max_seq_len)
 
-    def complete(prompts, max_new_tokens, stop_token=None, **kw):
+    def complete(decoded, prompts, max_new_tokens, stop_token=None, **kw):
+        assert decoded is model
         return [tokenizer.encode(replies[tokenizer.decode(list(p))])[:max_new_tokens] for p in prompts]
 
-    model.complete = complete  # type: ignore[method-assign]
+    monkeypatch.setattr("scaletrain.evaluator.complete", complete)
     return model
 
 
-def test_an_oracle_that_always_answers_right_scores_one_and_a_wrong_one_zero(gpt2):
+def test_an_oracle_that_always_answers_right_scores_one_and_a_wrong_one_zero(gpt2, monkeypatch):
     right = {p.prompt: f" Some steps. #### {p.answer}\nQuestion: next" for p in PROBLEMS}
     wrong = {p.prompt: f" #### {p.answer}0" for p in PROBLEMS}
     unmarked = {p.prompt: f" {p.answer}" for p in PROBLEMS}  # the answer without the marker does not count
-    assert exact_match(_oracle(gpt2, right), gpt2, PROBLEMS, 64) == 1.0
-    assert exact_match(_oracle(gpt2, wrong), gpt2, PROBLEMS, 64) == 0.0
-    assert exact_match(_oracle(gpt2, unmarked), gpt2, PROBLEMS, 64) == 0.0
+    assert exact_match(_oracle(monkeypatch, gpt2, right), gpt2, PROBLEMS, 64) == 1.0
+    assert exact_match(_oracle(monkeypatch, gpt2, wrong), gpt2, PROBLEMS, 64) == 0.0
+    assert exact_match(_oracle(monkeypatch, gpt2, unmarked), gpt2, PROBLEMS, 64) == 0.0
     half = {**right, **{p.prompt: wrong[p.prompt] for p in PROBLEMS[:2]}}
-    assert exact_match(_oracle(gpt2, half), gpt2, PROBLEMS, 64) == 0.5
+    assert exact_match(_oracle(monkeypatch, gpt2, half), gpt2, PROBLEMS, 64) == 0.5
 
 
-def test_a_prompt_longer_than_the_context_counts_as_wrong_and_is_never_truncated(gpt2):
+def test_a_prompt_longer_than_the_context_counts_as_wrong_and_is_never_truncated(gpt2, monkeypatch):
     right = {p.prompt: f" #### {p.answer}" for p in PROBLEMS}
     short = min(len(gpt2.encode(p.prompt)) for p in PROBLEMS)
-    model = _oracle(gpt2, right, max_seq_len=short + 1)  # only the shortest prompt fits
+    model = _oracle(monkeypatch, gpt2, right, max_seq_len=short + 1)  # only the shortest prompt fits
     assert exact_match(model, gpt2, PROBLEMS, 64) == 0.25
 
 

@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scaletrain import export_hf
-from scaletrain.config import Activation, ConfigError, ModelConfig, MoEConfig, Norm, load_config
+from scaletrain.build import build
+from scaletrain.config import Activation, ConfigError, MLPConfig, ModelConfig, MoEConfig, Norm, load_config
 from scaletrain.data.common import EOT
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.model import Transformer
 from scaletrain.runs import load_run
-from scaletrain.trainer import build, train
+from scaletrain.trainer import train
 
 from .conftest import REPO, compose_cfg, tiny_overrides
 
@@ -185,6 +186,9 @@ NOT_LLAMA = {
     "gelu": ({"activation": Activation.gelu}, "model.activation=gelu", "model.activation=swiglu"),
     "bias": ({"bias": True}, "model.bias=true", "model.bias=false"),
     "qk_norm": ({"qk_norm": True}, "model.qk_norm=true", "model.qk_norm=false"),
+    # another MLP than the built-in (here nn.Identity, which takes any arguments: the block without an MLP), even
+    # under the built-in's name and with model.activation=swiglu: one line, naming the target
+    "mlp": ({"mlp": MLPConfig(_target_="torch.nn.Identity")}, "model.mlp=mlp (torch.nn.Identity)", "model/mlp=mlp"),
 }
 
 

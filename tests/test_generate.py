@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from scaletrain.config import ModelConfig, MoEConfig
-from scaletrain.model import KVCache, Transformer
+from scaletrain.generate import KVCache, complete, generate
+from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers
 
 V, MAX_LEN = 61, 40
@@ -97,8 +98,8 @@ def assert_no_near_ties(model: Transformer, prompts, outs) -> None:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cached_greedy_generation_equals_uncached_token_for_token(name):
     model, prompts = tiny_model(name), make_prompts()
-    cached = model.complete(prompts, 20)
-    uncached = model.complete(prompts, 20, use_cache=False)
+    cached = complete(model, prompts, 20)
+    uncached = complete(model, prompts, 20, use_cache=False)
     assert [len(r) for r in cached] == [20] * len(prompts)
     assert cached == uncached
     assert_no_near_ties(model, prompts, uncached)
@@ -107,9 +108,9 @@ def test_cached_greedy_generation_equals_uncached_token_for_token(name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_left_padded_generation_equals_each_prompt_alone(name):
     model, prompts = tiny_model(name), make_prompts(seed=2)
-    batched = model.complete(prompts, 16)
+    batched = complete(model, prompts, 16)
     # alone and uncached: no padding, so every step is the plain training forward
-    alone = [model.complete([p], 16, use_cache=False)[0] for p in prompts]
+    alone = [complete(model, [p], 16, use_cache=False)[0] for p in prompts]
     assert batched == alone
     assert len({tuple(r) for r in batched}) == len(prompts)  # the rows really differ
     assert_no_near_ties(model, prompts, alone)
@@ -117,7 +118,7 @@ def test_batched_left_padded_generation_equals_each_prompt_alone(name):
 
 def test_cached_logits_match_the_full_forward_within_the_rounding_bound():
     model, prompts = tiny_model("swiglu_qknorm_bias"), make_prompts(seed=3)
-    new = model.complete(prompts, 12)
+    new = complete(model, prompts, 12)
     seqs = [p + n for p, n in zip(prompts, new)]
     P = max(len(p) for p in prompts)
     pad_B = torch.tensor([P - len(p) for p in prompts])
@@ -145,11 +146,11 @@ def test_cached_logits_match_the_full_forward_within_the_rounding_bound():
 
 def test_each_row_stops_at_its_own_stop_token_while_others_continue():
     model, prompts = tiny_model(), make_prompts(seed=4)
-    free = model.complete(prompts, 15)
+    free = complete(model, prompts, 15)
     # the stop token: row 0's first new token (from the third on) that some other row never produces
     k = next(i for i in range(2, 15) if free[0][i] not in free[0][:i] and any(free[0][i] not in r for r in free[1:]))
     stop = free[0][k]
-    stopped = model.complete(prompts, 15, stop_token=stop)
+    stopped = complete(model, prompts, 15, stop_token=stop)
     for row_free, row in zip(free, stopped):  # each row: its free-running tokens, cut before its first stop
         assert row == (row_free[: row_free.index(stop)] if stop in row_free else row_free)
     assert len(stopped[0]) == k
@@ -158,13 +159,13 @@ def test_each_row_stops_at_its_own_stop_token_while_others_continue():
 
 def test_generation_stops_computing_once_every_row_has_stopped():
     model, prompts = tiny_model(), make_prompts(seed=5)[:2]
-    free = model.complete(prompts, 15)
+    free = complete(model, prompts, 15)
     stop = free[1][3]  # row 1's fourth token; row 0 produces it earlier (premise below)
     steps = [row.index(stop) + 1 for row in free]  # the step at which each row ends
     assert max(steps) < 15
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    stopped = model.complete(prompts, 15, stop_token=stop)
+    stopped = complete(model, prompts, 15, stop_token=stop)
     assert [len(r) + 1 for r in stopped] == steps
     assert len(calls) == max(steps)  # one forward per step, none after the last row stopped
 
@@ -173,28 +174,28 @@ def test_sampling_with_a_seeded_generator_is_reproducible():
     model, prompts = tiny_model(), make_prompts(seed=6)
 
     def sample(seed: int, **kw) -> list[list[int]]:
-        return model.complete(prompts, 24, temperature=0.8, generator=torch.Generator().manual_seed(seed), **kw)
+        return complete(model, prompts, 24, temperature=0.8, generator=torch.Generator().manual_seed(seed), **kw)
 
     assert sample(0, top_k=8) == sample(0, top_k=8)
     assert sample(0) == sample(0, use_cache=False)  # both paths draw the same numbers from the same logits
     assert sample(0) != sample(1)
-    assert sample(0, top_k=1) == model.complete(prompts, 24)  # top-1 sampling is greedy decoding
+    assert sample(0, top_k=1) == complete(model, prompts, 24)  # top-1 sampling is greedy decoding
 
 
 def test_rows_end_at_max_seq_len_and_longer_prompts_are_rejected():
     model = tiny_model("swiglu_qknorm_bias")  # its greedy paths vary more than dense's
     prompts = make_prompts(seed=7, lengths=(MAX_LEN - 3, 2, MAX_LEN))
-    out = model.complete(prompts, 10)
+    out = complete(model, prompts, 10)
     assert [len(r) for r in out] == [3, 10, 0]
-    assert out == model.complete(prompts, 10, use_cache=False)
+    assert out == complete(model, prompts, 10, use_cache=False)
     # the cap is per row, not set by batch mates; the short row runs past slot max_seq_len of the batch
     # but not past its own position max_seq_len - 1 (alone + uncached: the training forward)
-    assert out == [model.complete([p], 10, use_cache=False)[0] for p in prompts]
-    assert out[0] == model.complete([prompts[0]], 50)[0]
+    assert out == [complete(model, [p], 10, use_cache=False)[0] for p in prompts]
+    assert out[0] == complete(model, [prompts[0]], 50)[0]
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.complete(make_prompts(seed=7, lengths=(3, MAX_LEN + 1)), 5)
+        complete(model, make_prompts(seed=7, lengths=(3, MAX_LEN + 1)), 5)
     with pytest.raises(ValueError, match="at least one"):
-        model.complete([[1, 2], []], 5)
+        complete(model, [[1, 2], []], 5)
 
 
 def test_moe_with_a_capacity_factor_generates_with_dropless_routing():
@@ -205,8 +206,8 @@ def test_moe_with_a_capacity_factor_generates_with_dropless_routing():
     with torch.no_grad():  # premise: at this capacity the training forward does drop tokens
         capped(torch.tensor([p[:1] * 8 for p in prompts]))
     assert moe_layers(capped)[0].stats["dropped_frac"] > 0
-    out = capped.complete(prompts, 12)
-    assert out == dropless.complete(prompts, 12) == capped.complete(prompts, 12, use_cache=False)
+    out = complete(capped, prompts, 12)
+    assert out == complete(dropless, prompts, 12) == complete(capped, prompts, 12, use_cache=False)
     assert all(m.moe_cfg is capped_cfg for m in moe_layers(capped))  # the configured routing is restored
     assert_no_near_ties(dropless, prompts, out)
 
@@ -214,10 +215,10 @@ def test_moe_with_a_capacity_factor_generates_with_dropless_routing():
 def test_generate_returns_prompt_and_continuation_filled_with_the_stop_token():
     model = tiny_model()
     prompt_BT = torch.tensor(make_prompts(seed=9, lengths=(6, 6, 6)))
-    free_BT = model.generate(prompt_BT, 10, temperature=0.0)
-    assert torch.equal(free_BT, model.generate(prompt_BT, 10, temperature=0.0, use_cache=False))
+    free_BT = generate(model, prompt_BT, 10, temperature=0.0)
+    assert torch.equal(free_BT, generate(model, prompt_BT, 10, temperature=0.0, use_cache=False))
     stop = int(free_BT[0, 8])
-    out_BT = model.generate(prompt_BT, 10, temperature=0.0, stop_token=stop)
+    out_BT = generate(model, prompt_BT, 10, temperature=0.0, stop_token=stop)
     assert torch.equal(out_BT[:, :6], prompt_BT)
     for free, row in zip(free_BT.tolist(), out_BT.tolist()):
         cut = free.index(stop, 6) if stop in free[6:] else len(free)

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from scaletrain.build import build
 from scaletrain.config import Activation, Config, ModelConfig, MoEConfig, MoEImpl, Precision, load_config
 from scaletrain.data import BatchLoader
 from scaletrain.hardware import GPU_BF16_PEAK, gpu_peak_flops, peak_flops
 from scaletrain.model import Transformer
 from scaletrain.moe import MoE
 from scaletrain.muon import MuonWithAdamW, muon_group
-from scaletrain.trainer import build, forward_backward, optimizer_step
+from scaletrain.trainer import forward_backward, optimizer_step
 
 from .conftest import compose_cfg
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scaletrain.config import ConfigError, ModelConfig, load_config
+from scaletrain.generate import complete
 from scaletrain.model import Transformer
 
 from .conftest import compose_cfg
@@ -84,8 +85,8 @@ def test_grouped_query_attention_equals_multi_head_attention_with_repeated_key_v
     # length-8 (head_dim) and length-16 (keys) fp32 sums can differ: ~sqrt(16) * 2^-24 relative per logit
     torch.testing.assert_close(gqa(x).logits, mha(x).logits, rtol=1e-5, atol=1e-5)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    cached = gqa.complete(prompts, 6)
-    assert cached == gqa.complete(prompts, 6, use_cache=False) == mha.complete(prompts, 6)
+    cached = complete(gqa, prompts, 6)
+    assert cached == complete(gqa, prompts, 6, use_cache=False) == complete(mha, prompts, 6)
 
 
 def test_without_embed_proj_the_embedding_feeds_the_blocks_and_w_e_has_no_parameters():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from scaletrain.config import ModelConfig
 from scaletrain.dropout import Dropout
+from scaletrain.generate import generate
 from scaletrain.model import Attention, RotaryEmbedding, Transformer
 
 from .conftest import compose_cfg
@@ -145,7 +146,7 @@ def test_sdpa_attention_equals_explicit_softmax_reference():
     torch.manual_seed(0)
     cfg = small_cfg(bias=True, qk_norm=True)
     rope = RotaryEmbedding(16, 12, cfg.rope_theta)
-    attn = Attention(cfg, rope).eval()
+    attn = Attention(cfg, cfg.attention, rope).eval()
     x = torch.randn(2, 12, 64)
     B, T, H, K = 2, 12, 4, 16
     q = attn.q_norm(attn.wq(x).view(B, T, H, K))
@@ -169,8 +170,8 @@ def test_greedy_generation_is_deterministic_and_extends_the_prompt():
     torch.manual_seed(0)
     model = Transformer(small_cfg(), vocab_size=30, max_seq_len=8).eval()
     prompt = torch.tensor([[1, 2, 3]])
-    out1 = model.generate(prompt, 10, temperature=0.0)
-    out2 = model.generate(prompt, 10, temperature=0.0)
+    out1 = generate(model, prompt, 10, temperature=0.0)
+    out2 = generate(model, prompt, 10, temperature=0.0)
     assert out1.shape == (1, 13) and torch.equal(out1, out2) and torch.equal(out1[:, :3], prompt)
     # greedy token equals argmax of the model's last-position logits (context cropped to max_seq_len)
     assert out1[0, 3].item() == model(prompt).logits[0, -1].argmax().item()
@@ -202,7 +203,7 @@ def test_attention_dropout_is_its_own_knob_and_only_acts_in_training():
     x = torch.randn(2, 16, 64)
     for attn_p, varies in ((0.0, False), (0.5, True)):
         cfg = small_cfg(dropout=0.3, attn_dropout=attn_p)
-        attn = Attention(cfg, RotaryEmbedding(16, 16, 10000.0))
+        attn = Attention(cfg, cfg.attention, RotaryEmbedding(16, 16, 10000.0))
         attn.train()
         attn.resid_dropout.eval()  # isolate the attention probabilities
         a, b = attn(x), attn(x)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from scaletrain.config import ConfigError, ModelConfig, MoEConfig, validate
+from scaletrain.config import ConfigError, ModelConfig, MoEConfig, load_config
 from scaletrain.model import MLP
-from scaletrain.moe import MoE, inactive_params, moe_aux_loss, moe_matmul_params, moe_metrics, pick_impl
+from scaletrain.moe import MoE, inactive_params, moe_matmul_params, moe_metrics, pick_impl
 
 from .conftest import compose_cfg
 
@@ -73,7 +73,7 @@ def assert_same_run(a, b, atol=1e-5, rtol=1e-4):
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
 def test_moe_with_one_expert_and_top1_matches_dense_mlp(activation, bias, impl):
     layer = make(n_experts=1, top_k=1, activation=activation, bias=bias, aux_loss_coef=0.0, z_loss_coef=0.0)
-    mlp = MLP(layer.cfg)
+    mlp = MLP(layer.cfg, layer.cfg.mlp)
     ex = layer.experts
     with torch.no_grad():
         ex.w_in_EDF[0].copy_(mlp.w_in.weight.T)
@@ -331,16 +331,19 @@ def test_parameter_counts_separate_total_from_active_per_token():
     assert moe_matmul_params(model) == 2 * c["matmul"]
 
 
-def test_model_level_helpers_sum_aux_losses_and_report_metrics_per_layer():
+def test_model_level_metrics_are_reported_per_layer_and_over_layers():
     model = nn.Sequential(make(), make())
     model[1].layer_idx = 3
     model(torch.randn(1, 8, 32))
-    torch.testing.assert_close(moe_aux_loss(model), model[0].aux_loss + model[1].aux_loss)
     scalars, loads = moe_metrics(model)
     for key in ("aux_loss", "z_loss", "load_max_over_mean", "dropped_frac", "router_entropy", "bias_norm"):
         assert f"moe/{key}" in scalars and f"moe/layer0/{key}" in scalars and f"moe/layer3/{key}" in scalars
+    layer0, layer3 = scalars["moe/layer0/aux_loss"], scalars["moe/layer3/aux_loss"]
+    assert scalars["moe/aux_loss"] == pytest.approx((layer0 + layer3) / 2)  # the mean over layers ...
+    worst = max(scalars["moe/layer0/load_max_over_mean"], scalars["moe/layer3/load_max_over_mean"])
+    assert scalars["moe/load_max_over_mean"] == worst  # ... but the worst layer's load
     assert sum(loads["moe/layer3/tokens_per_expert"]) == 8 * 2
-    assert moe_aux_loss(nn.Linear(2, 2)) is None
+    assert moe_metrics(nn.Linear(2, 2)) == ({}, {})
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -348,7 +351,7 @@ def test_model_level_helpers_sum_aux_losses_and_report_metrics_per_layer():
 
 def test_moe_8x_model_composes_with_eight_experts_top2_on_the_baseline_dimensions():
     cfg = compose_cfg(["model=moe_8x"])
-    validate(cfg)
+    load_config(cfg)
     m = cfg.model
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff, m.activation, m.norm, m.dropout) == (
         512,
@@ -385,4 +388,4 @@ def test_command_line_moe_choice_overrides_the_model_file():
 def test_inconsistent_moe_settings_fail_validation_naming_the_key(override, key):
     cfg = compose_cfg(["model=moe_8x", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(cfg)
+        load_config(cfg)

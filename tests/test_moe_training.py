@@ -12,6 +12,7 @@ from scaletrain import data as data_mod
 from scaletrain.config import ModelConfig, MoEConfig
 from scaletrain.model import Transformer
 from scaletrain.optim import param_groups
+from scaletrain.records import Summary
 from scaletrain.trainer import train
 
 from .conftest import compose_cfg, read_metrics, tiny_overrides, train_losses
@@ -20,7 +21,7 @@ from .conftest import compose_cfg, read_metrics, tiny_overrides, train_losses
 MOE_TINY = {"model": "moe_8x", "model.d_model": 64, "model.n_heads": 4, "model.d_ff": 128, "model.dropout": 0.0}
 
 
-def run_moe(tinystories_dir, data_cache, run_dir, **extra) -> tuple[dict, list[float]]:
+def run_moe(tinystories_dir, data_cache, run_dir, **extra) -> tuple[Summary, list[float]]:
     cfg = compose_cfg(tiny_overrides(tinystories_dir, data_cache, **MOE_TINY, **{"train.max_steps": 40}, **extra))
     summary = train(cfg, run_dir)
     loads = [r["moe/load_max_over_mean"] for r in read_metrics(run_dir) if "moe/load_max_over_mean" in r]
@@ -33,8 +34,8 @@ def test_moe_8x_trains_with_falling_loss_and_balancing_undoes_router_collapse(ti
         tinystories_dir, data_cache, tmp_path / "on", **{"moe.aux_loss_coef": 0.01, "moe.bias_update_rate": 0.001}
     )
     losses = train_losses(tmp_path / "on")
-    assert losses[40] < losses[5] - 0.3 and summary["val_loss"] < math.log(512) - 1.0
-    assert summary["params_active"] < summary["params_total"]
+    assert losses[40] < losses[5] - 0.3 and summary.val_loss < math.log(512) - 1.0
+    assert summary.params_active < summary.params_total
     # At this width and lr the untrained router starts collapsed: its logits are ~0, so top-2 follows a
     # direction all tokens share and two experts take every slot (max/mean load = 8/2 = 4.0). Without
     # balancing it stays there; with it, after 40 steps the busiest expert of any layer is closer to balance

@@ -13,19 +13,26 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from scaletrain.config import ConfigError, ModelConfig, MoEConfig, MuonConfig, MuonOptimConfig, ScheduleConfig, validate
+from scaletrain.config import (
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    MuonConfig,
+    MuonOptimConfig,
+    ScheduleConfig,
+    load_config,
+)
 from scaletrain.model import Transformer
 from scaletrain.moe import MoE
 from scaletrain.muon import (
     MuonWithAdamW,
     adamw_group,
     adjusted_lr,
-    format_param_split,
     muon_group,
     newton_schulz,
-    param_roles,
 )
 from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.roles import Role, RoleError, format_param_split, param_roles
 
 from .conftest import compose_cfg
 
@@ -200,8 +207,11 @@ def test_real_moe_layer_sends_expert_stacks_to_muon_and_router_and_expert_biases
     roles = {r.name: (r.role, r.group) for r in param_roles(model)}
     assert roles.pop("blocks.0.mlp.w_router_ED") == ("router", "adamw_decay")
     for name, (role, group) in roles.items():
-        kind = name.rsplit(".", 1)[1][:2]  # w_in_EDF / w_gate_EDF / w_out_EFD, b_in_EF / b_gate_EF / b_out_ED
-        assert (role, group) == {"w_": ("expert", "muon_experts"), "b_": ("bias", "adamw_no_decay")}[kind], name
+        leaf = name.rsplit(".", 1)[1]  # w_in_EDF / w_gate_EDF / w_out_EFD, b_in_EF / b_gate_EF / b_out_ED
+        expected = ("bias", "adamw_no_decay") if leaf.startswith("b_") else ("expert", "muon_experts")
+        if leaf == "w_out_EFD":  # writes into the residual stream: its own init scale, the same optimizer group
+            expected = ("expert_out", "muon_experts")
+        assert (role, group) == expected, name
     assert len(roles) == 12  # routed + shared experts: 3 weights + 3 biases each
 
     opt = build_optimizer(model, MuonOptimConfig(muon=MuonConfig(adjust_lr="original")), "cpu")
@@ -219,35 +229,44 @@ def test_real_moe_layer_sends_expert_stacks_to_muon_and_router_and_expert_biases
 
 
 class _StandInExperts(nn.Module):
-    """A module declaring a role the rules would not give (its 2-D `scale` is not a matrix to orthogonalize)."""
-
-    optim_roles = {"scale": "norm"}
+    """A user module declaring its roles: a 2-D `scale` that is not a matrix to orthogonalize, and a router."""
 
     def __init__(self):
         super().__init__()
         self.w_up = nn.Parameter(torch.randn(4, 16, 24))
         self.scale = nn.Parameter(torch.ones(4, 24))
+        self.router = nn.Linear(16, 4, bias=False)
+
+    def param_roles(self) -> dict[str, Role]:
+        return {"w_up": Role.expert, "scale": Role.norm, "router.weight": Role.router}
 
 
-def test_declared_optim_roles_win_over_the_rules_and_a_router_module_goes_to_adamw():
+def test_roles_declared_by_the_owning_module_drive_the_optimizer_split():
     model = nn.Module()
-    model.blocks = nn.ModuleList([nn.Module()])
-    model.blocks[0].router = nn.Linear(16, 4, bias=False)
-    model.blocks[0].experts = _StandInExperts()
-    roles = {r.name: r.role for r in param_roles(model)}
+    model.blocks = nn.ModuleList([_StandInExperts()])
+    roles = {r.name: (r.role, r.group) for r in param_roles(model)}
     assert roles == {
-        "blocks.0.router.weight": "router",
-        "blocks.0.experts.w_up": "expert",
-        "blocks.0.experts.scale": "norm",
+        "blocks.0.w_up": ("expert", "muon_experts"),
+        "blocks.0.scale": ("norm", "adamw_no_decay"),
+        "blocks.0.router.weight": ("router", "adamw_decay"),
     }
 
 
-def test_a_parameter_no_rule_claims_is_an_error_naming_it():
+def test_a_parameter_without_a_declared_role_is_an_error_naming_it():
     model = nn.Module()
     model.blocks = nn.ModuleList([nn.Module()])
     model.blocks[0].scale = nn.Parameter(torch.ones(4, 4))
-    with pytest.raises(ValueError, match=r"blocks\.0\.scale.*optim_roles"):
+    with pytest.raises(RoleError, match=r"parameter blocks\.0\.scale \(shape \[4, 4\], in Module\) has no role"):
         param_roles(model)
+
+
+def test_a_declaration_naming_no_parameter_is_an_error_naming_it():
+    class Typo(_StandInExperts):
+        def param_roles(self) -> dict[str, Role]:
+            return {**super().param_roles(), "w_upp": Role.expert}
+
+    with pytest.raises(RoleError, match=r"Typo.param_roles\(\) at <model> names 'w_upp'"):
+        param_roles(Typo())
 
 
 def test_ddp_and_compile_wrapper_prefixes_do_not_change_roles():
@@ -315,10 +334,10 @@ def test_the_lr_schedule_scales_muon_and_adamw_groups_by_the_same_factor():
 
 def test_muon_option_composes_with_adamw_settings_reused_and_bad_values_fail_naming_the_key():
     cfg = compose_cfg(["optim=muon", "optim.lr=2e-3"])
-    validate(cfg)
+    load_config(cfg)
     assert (cfg.optim.muon.lr, cfg.optim.muon.weight_decay, cfg.optim.muon.adjust_lr) == (2e-3, 0.1, "match_rms_adamw")
     with pytest.raises(ConfigError, match="optim.muon.ns_coefficients"):
-        validate(compose_cfg(["optim=muon", "optim.muon.ns_coefficients=[1.0,2.0]"]))
+        load_config(compose_cfg(["optim=muon", "optim.muon.ns_coefficients=[1.0,2.0]"]))
 
 
 # ---- distributed: 2 gloo processes on CPU ------------------------------------------------------------

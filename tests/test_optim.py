@@ -48,18 +48,37 @@ def test_a_name_that_is_not_the_schemas_own_is_rejected_naming_optim_name():
         AdamWConfig(name="sgd2")
 
 
-def test_a_schema_without_a_builder_is_rejected_naming_the_known_ones():
+def test_a_schema_without_a_target_or_with_a_wrong_one_is_rejected_naming_the_key():
     @dataclass
     class SGDConfig(OptimConfig):
         name: str = "sgd_without_builder"
 
     try:
-        with pytest.raises(ValueError, match="no builder for SGDConfig.*known: MuonOptimConfig, AdamWConfig"):
-            build_optimizer(tiny_model(), SGDConfig(), "cpu")
+        with pytest.raises(ConfigError, match="optim._target_: is not set"):
+            SGDConfig()
+        with pytest.raises(
+            ConfigError,
+            match="optim._target_: module 'scaletrain.optim' has no 'build_adamm' "
+            r"\(did you mean 'build_adamw'\?\)",
+        ):
+            SGDConfig(_target_="scaletrain.optim.build_adamm")
+        with pytest.raises(ConfigError, match="optim._target_: cannot import module 'scaletrain.optimm'"):
+            SGDConfig(_target_="scaletrain.optimm.build_adamw")
     finally:  # defining a subclass registers it (config.optimizer_schemas): let it be collected
         del SGDConfig
         gc.collect()
     assert "sgd_without_builder" not in optimizer_schemas()
+
+
+def groups_not_an_optimizer(model, cfg, device_type):
+    """A builder with the right signature that forgets to build the optimizer."""
+    return param_groups(model, cfg.weight_decay)
+
+
+def test_a_builder_that_returns_no_optimizer_is_rejected_naming_the_target():
+    cfg = AdamWConfig(_target_="tests.test_optim.groups_not_an_optimizer")
+    with pytest.raises(TypeError, match="optim._target_=tests.test_optim.groups_not_an_optimizer returned list"):
+        build_optimizer(tiny_model(), cfg, "cpu")
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "wsd", "constant"])

@@ -239,7 +239,7 @@ def test_resume_rotation_and_the_report_use_the_same_checkpoint_listing(tmp_path
         os.utime(p, (0, 0))
     (j,) = rp.build_report(sweep, now=3 * 3600, stale_after_s=1800).jobs
     assert j.status == "stopped" and j.detail.endswith("; resume from step_10000000 with train.resume=auto")
-    assert ckpt.resolve_resume("auto", job) == job / records.CKPT_DIR / "step_10000000"
+    assert ckpt.resume_candidates("auto", job)[0] == job / records.CKPT_DIR / "step_10000000"
 
     ckpt.save_checkpoint(job, 10_000_005, {"step": 10_000_005}, keep=2)
     left = sorted(p.name for p in (job / records.CKPT_DIR).iterdir())

@@ -25,6 +25,8 @@ from scaletrain.parallelize import apply_block_forward
 from scaletrain.sizing import (
     GB,
     USABLE,
+    dry_run,
+    format_sizing,
     kept_bytes_per_token,
     meta_model,
     peak_bytes_per_token,
@@ -158,6 +160,24 @@ def test_weight_gradient_and_optimizer_memory_follow_their_formulas(parallel, op
     per_seq = s.activations_gb["none"] * GB / s.micro_batch
     assert s.max_micro_batch["none"] == math.floor((80 * GB * USABLE - fixed) / per_seq)
     assert s.activations_gb["full"] < s.activations_gb["selective"] < s.activations_gb["none"]
+
+
+def test_a_user_mlp_or_attention_is_named_in_a_note_of_the_table_and_of_sizing_json(tmp_path):
+    """The activation formulas model the built-in components only: another target (nn.Identity here, which takes
+    any constructor arguments; the meta model never runs forward) is said, not silently counted as the built-in."""
+    assert size(_cfg("model=tiny"), gpus=1, gpu_mem_gb=80).notes == []
+    user = "torch.nn.Identity"
+    cfg = _cfg("model=tiny", f"model.mlp._target_={user}", f"model.attention._target_={user}")
+    sizing = dry_run(cfg, tmp_path)
+    attn, mlp = sizing.notes
+    assert attn.startswith(f"model.attention=sdpa ({user}) is not the built-in attention: activation memory")
+    assert mlp.startswith(f"model.mlp=mlp ({user}) is not the built-in MLP: activation memory")
+    assert "model.d_ff=512" in mlp  # what it counts in the user MLP's place
+    assert json.loads((tmp_path / "sizing.json").read_text())["notes"] == [attn, mlp]
+    assert format_sizing(sizing, "tiny").splitlines()[-2:] == [f"  note: {attn}", f"  note: {mlp}"]
+    # every layer MoE: the user MLP is built nowhere, so nothing to note about it
+    moe = _cfg("model=tiny", f"model.mlp._target_={user}", "moe=top2_8e")
+    assert size(moe, gpus=1, gpu_mem_gb=80).notes == []
 
 
 def test_the_llama_7b_dry_run_sizes_it_without_allocating_weights(tmp_path):

@@ -133,13 +133,14 @@ def test_flops_per_step_equals_what_the_trainer_recorded_for_study_002b():
         assert st.flops_per_step(cfg) == recorded, run["arm"]
 
 
-def test_a_study_begun_before_a_setting_existed_continues_at_its_default(tmp_path):
+def test_a_study_begun_before_a_setting_existed_or_was_removed_continues(tmp_path):
     cfg = load_config(compose_cfg(["experiment=muon_vs_adamw"]))
     st.Study(["experiment=muon_vs_adamw"], cfg, tmp_path).freeze()
     path = tmp_path / st.STUDY_FILE
     old = json.loads(path.read_text())
     for key in ("match", "reference", "pace_steps"):  # settings added after the first studies began
         del old["study"][key]
+    old["study"]["expected_minutes"] = 75  # a setting removed since (it never shaped a job)
     path.write_text(json.dumps(old))
     st.Study(["experiment=muon_vs_adamw"], cfg, tmp_path).freeze()
     flops = load_config(compose_cfg(["experiment=muon_vs_adamw", "study.match=flops"]))

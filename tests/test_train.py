@@ -151,7 +151,7 @@ def test_a_sweep_job_s_clocks_start_when_it_holds_its_slot_not_while_it_queues(
 
     monkeypatch.setattr(distributed, "setup_rank", queued_setup_rank)
     trainer = Trainer(compose_cfg(tiny_overrides(tinystories_dir, data_cache)), tmp_path / "run")
-    assert trainer.t_start >= held["wall"] and trainer.cpu_start >= held["cpu"]
+    assert trainer.progress.t_start >= held["wall"] and trainer.progress.cpu_start >= held["cpu"]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tinystories_dir, data_cache, tmp_path):
@@ -164,7 +164,7 @@ def test_gradient_accumulation_matches_one_big_batch(tinystories_dir, data_cache
         ),
         tmp_path / "acc",
     )
-    assert big["tokens_seen"] == acc["tokens_seen"]
+    assert big.tokens_seen == acc.tokens_seen
     assert train_losses(tmp_path / "acc")[1] == pytest.approx(train_losses(tmp_path / "big")[1], abs=1e-5)
 
 
@@ -207,8 +207,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
         ckpt.save_checkpoint(tmp_path, 20, {"w": torch.zeros(3)}, keep=2)
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000010.pt"]  # no temp file left
-    assert ckpt.resolve_resume("auto", tmp_path).name == "step_0000010.pt"
-    assert torch.equal(ckpt.load_checkpoint(ckpt.resolve_resume("auto", tmp_path))["w"], torch.ones(3))
+    (newest, *_) = ckpt.resume_candidates("auto", tmp_path)
+    assert newest.name == "step_0000010.pt" and torch.equal(ckpt.load_checkpoint(newest)["w"], torch.ones(3))
 
 
 def test_checkpoint_rotation_keeps_the_newest(tmp_path):
@@ -273,8 +273,9 @@ def test_sharded_checkpoint_round_trip_restores_model_optimizer_and_extra(tmp_pa
     path = ckpt.save_sharded_checkpoint(tmp_path, 7, model, opt, {"step": 7}, keep=2, is_main=True)
     fresh, fresh_opt = Transformer(ModelConfig(name="t", d_model=16, n_layers=1, n_heads=2, d_ff=32), 20, 8), None
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    assert ckpt.resolve_resume("auto", tmp_path) == path and ckpt.resolve_resume(str(path), tmp_path) == path
-    assert ckpt.load_sharded_checkpoint(path, fresh, fresh_opt) == {"step": 7}
+    assert ckpt.resume_candidates("auto", tmp_path) == [path] == ckpt.resume_candidates(str(path), tmp_path)
+    assert ckpt.load_checkpoint(path) == {"step": 7}  # the extra state, every file verified
+    ckpt.load_sharded_state(path, fresh, fresh_opt)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     for p, q in zip(model.parameters(), fresh.parameters()):
@@ -299,7 +300,7 @@ def test_crash_while_writing_a_sharded_checkpoint_keeps_the_previous_one(tmp_pat
         ckpt.save_sharded_checkpoint(tmp_path, 20, model, opt, {"step": 20}, keep=2, is_main=True)
     monkeypatch.undo()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000010"]
-    assert ckpt.resolve_resume("auto", tmp_path).name == "step_0000010"
+    assert [p.name for p in ckpt.resume_candidates("auto", tmp_path)] == ["step_0000010"]
     # the next save of that step replaces the leftover, and rotation treats folders like files
     for step in (20, 30):
         ckpt.save_sharded_checkpoint(tmp_path, step, model, opt, {"step": step}, keep=2, is_main=True)
@@ -337,3 +338,43 @@ def test_resume_auto_without_a_checkpoint_says_so_drops_old_records_and_removes_
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert steps == [5] and 9.0 not in [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000005.pt"]
+
+
+_READS_BACK = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize(
+    ("extra", "per_moe_forward"),
+    [
+        ({}, 0),
+        ({"train.max_nonfinite": 0}, 0),
+        ({"model": "moe_8x", "moe.impl": "loop", "train.grad_accum": 2}, 1),
+    ],
+    ids=["dense", "dense_no_guard", "moe_loop"],
+)
+def test_a_step_that_does_not_log_reads_the_device_back_as_the_trainer_docstring_counts(
+    extra, per_moe_forward, tinystories_dir, data_cache, tmp_path, monkeypatch
+):
+    """trainer.py's docstring: in one process a step reads a value back from the device once, for the NaN/Inf
+    guard (none with train.max_nonfinite=0), plus one `.tolist()` per MoE layer per micro-batch on the loop path.
+    Counted as the Python-level reads (`.item()`, `.tolist()`, `float()`, ...), which are the syncs on a GPU."""
+    from scaletrain.moe import moe_layers
+    from scaletrain.trainer import Trainer
+
+    trainer = Trainer(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), tmp_path)
+    trainer.model.train()
+    reads: list[str] = []
+
+    def counted(name: str):
+        original = getattr(torch.Tensor, name)
+        return lambda t, *args, **kwargs: reads.append(name) or original(t, *args, **kwargs)
+
+    for name in _READS_BACK:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    for _ in range(3):
+        reads.clear()
+        *_, stepped = trainer.train_step()
+        assert stepped and not trainer.preempt.requested()
+        guard = 1 if trainer.tc.max_nonfinite > 0 else 0
+        moe = per_moe_forward * len(moe_layers(trainer.model)) * trainer.tc.grad_accum
+        assert len(reads) == guard + moe, reads

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scaletrain.build import build
 from scaletrain.config import (
     AdamWConfig,
     CkptFormat,
@@ -28,7 +29,6 @@ from scaletrain.config import (
 from scaletrain.hardware import cpu_info, hardware_info
 from scaletrain.model import LMOutput, Transformer
 from scaletrain.run import run_name
-from scaletrain.trainer import build
 
 from .conftest import REPO, compose_cfg
 
@@ -46,9 +46,14 @@ def test_an_adamw_run_records_no_muon_keys_and_a_muon_run_adds_only_its_block():
     muon = to_dict(load_config(compose_cfg(["optim=muon"])))["optim"]
     assert "muon" not in adamw
     assert set(muon) - set(adamw) == {"muon"}
-    assert {k: v for k, v in muon.items() if k not in ("muon", "name")} == {
-        k: v for k, v in adamw.items() if k != "name"
+    own = ("muon", "name", "_target_")  # the option's identity: its name and the builder it names
+    assert {k: v for k, v in muon.items() if k not in own} == {
+        k: v for k, v in adamw.items() if k not in own
     }  # muon.yaml inherits adamw.yaml's values
+    assert (adamw["_target_"], muon["_target_"]) == (
+        "scaletrain.optim.build_adamw",
+        "scaletrain.optim.build_muon_with_adamw",
+    )
 
 
 def test_muon_inherits_what_adamw_yaml_sets_and_the_command_line_still_wins():

@@ -10,14 +10,18 @@ import socket
 import threading
 import urllib.parse
 
+from scaletrain.config import BadInput
+
 EOT = "<|endoftext|>"
 CACHE_VERSION = "2"  # bump when the cache layout or the text parsing changes (2: per-source entries)
 
 log = logging.getLogger("scaletrain.data")
 
 
-class DataError(RuntimeError):
+class DataError(BadInput, RuntimeError):
     """The data cannot be loaded as configured; the message names the path or key and the fix."""
+
+    kind = "data"
 
 
 def first_line(err: BaseException) -> str:

@@ -64,19 +64,19 @@ class WindowOrder:
             "n_tokens": self.n_tokens,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Also reads the per-rank state of scaletrain before global positions (it has `world_size`): W ranks at
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also reads the per-rank state_dict of scaletrain before global positions (it has `world_size`): W ranks at
         per-rank position p had together used the first p * W windows of the epoch's permutation (they dropped
         the last n_windows % W of each epoch; this order does not, so from the end of that epoch on the order
         is this version's)."""
         mine = self.state_dict()
         for key in ("seed", "seq_len", "n_tokens"):
-            if state[key] != mine[key]:
+            if state_dict[key] != mine[key]:
                 raise ValueError(
-                    f"loader state was saved with {key}={state[key]}, this loader has "
+                    f"loader state_dict was saved with {key}={state_dict[key]}, this loader has "
                     f"{key}={mine[key]}; the data order would not continue where it stopped"
                 )
-        self.epoch, self.pos = state["epoch"], state["pos"] * state.get("world_size", 1)
+        self.epoch, self.pos = state_dict["epoch"], state_dict["pos"] * state_dict.get("world_size", 1)
 
 
 def _check_rank(rank: int, world_size: int, pin_memory: bool) -> None:
@@ -103,7 +103,8 @@ class BatchLoader:
     ):
         _check_rank(rank, world_size, pin_memory)
         # pinned batches let `.to("cuda", non_blocking=True)` return at once: the copy and the next batch's
-        # gather overlap the GPU's work on the current step (the loop never syncs outside log steps)
+        # gather overlap the GPU's work on the current step (outside log steps the loop syncs once per step, for the
+        # NaN/Inf guard, after the backward: trainer.py's docstring lists the syncs)
         self.pin_memory = pin_memory
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -127,8 +128,8 @@ class BatchLoader:
     def state_dict(self) -> dict:
         return self.order.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.order.load_state_dict(state_dict)
 
 
 class MixtureLoader:
@@ -192,27 +193,27 @@ class MixtureLoader:
             "sources": [order.state_dict() for order in self.orders],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if "sources" not in state or len(state["sources"]) != len(self.orders):
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "sources" not in state_dict or len(state_dict["sources"]) != len(self.orders):
             raise ValueError(
-                f"loader state was saved with {len(state.get('sources', [None]))} source(s), this loader has "
+                f"loader state_dict was saved with {len(state_dict.get('sources', [None]))} source(s), this loader has "
                 f"{len(self.orders)}; the data order would not continue where it stopped"
             )
-        if not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
+        if not np.allclose(state_dict["weights"], self.weights, rtol=0, atol=1e-12):
             raise ValueError(
-                f"loader state was saved with source weights {state['weights']}, this loader has "
+                f"loader state_dict was saved with source weights {state_dict['weights']}, this loader has "
                 f"{self.weights.tolist()}; the data order would not continue where it stopped"
             )
-        ranks = max(sub.get("world_size", 1) for sub in state["sources"])
+        ranks = max(sub.get("world_size", 1) for sub in state_dict["sources"])
         if ranks > 1:
             raise ValueError(
-                f"this mixture's loader state was saved on {ranks} ranks by a scaletrain older than global data "
+                f"this mixture's loader state_dict was saved on {ranks} ranks by a scaletrain older than global data "
                 "positions: each source's position was kept per rank and only rank 0's was saved, so its data "
                 "order cannot be continued; start a new run folder (or resume with the version that wrote it)"
             )
-        for order, sub in zip(self.orders, state["sources"]):
+        for order, sub in zip(self.orders, state_dict["sources"]):
             order.load_state_dict(sub)
-        self.batch = state["batch"]
+        self.batch = state_dict["batch"]
 
 
 def eval_batches(

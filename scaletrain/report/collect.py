@@ -21,7 +21,6 @@ Arms: jobs grouped by their overrides minus `train.seed` (seeds are replicates).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import yaml
 
 from scaletrain import records
+from scaletrain.compose import sweep_jobs
 from scaletrain.records import RunState, Status, Summary
 
 SEED_KEYS = ("train.seed",)
@@ -445,18 +445,14 @@ def _multirun_hydra(sweep_dir: Path) -> dict[str, Any]:
 
 
 def expected_overrides(sweep_dir: Path) -> list[list[str]] | None:
-    """Every job's overrides in job-number order, expanded from multirun.yaml the way Hydra's basic sweeper
-    does (sweeper params first, then the command line). None for other sweepers or an unreadable file."""
+    """Every job's overrides in job-number order, expanded from multirun.yaml as Hydra's basic sweeper does
+    (`compose.sweep_jobs`: sweeper params first, then the command line). None for other sweepers or an unreadable
+    file."""
     try:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         hydra_cfg = _multirun_hydra(sweep_dir)
         if not str(hydra_cfg["sweeper"]["_target_"]).endswith("BasicSweeper"):
             return None
-        params = [f"{k}={v}" for k, v in (hydra_cfg["sweeper"].get("params") or {}).items()]
-        parsed = OverridesParser.create().parse_overrides(params + list(hydra_cfg["overrides"]["task"]))
-        return list(itertools.chain.from_iterable(BasicSweeper.split_arguments(parsed, None)))
+        return sweep_jobs(list(hydra_cfg["overrides"]["task"]), hydra_cfg["sweeper"].get("params") or {})
     except Exception:  # noqa: BLE001 - without the grid the report still lists every job on disk
         return None
 

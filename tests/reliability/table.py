@@ -4,8 +4,9 @@ tests/reliability carries `@pytest.mark.fault(what, outcome)`; this plugin colle
     python -m pytest tests/reliability --reliability-table=README.md
 
 writes them, with each case's result, between the README's `<!-- reliability-table:start -->` and
-`<!-- reliability-table:end -->` lines. `--reliability-rows=FILE` dumps the collected rows as JSON (used by the
-test that keeps the README's table in step with the suite)."""
+`<!-- reliability-table:end -->` lines. `--reliability-rows=FILE` dumps the collected rows as JSON, with the cases
+of tests/reliability that carry no fault mark (used by the test that keeps the README's table in step with the
+suite: test_table.py, whose own tests are not cases)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
 _rows: dict[str, dict[str, str]] = {}  # nodeid -> {what, outcome, result}
+HERE = Path(__file__).resolve().parent
+NOT_CASES = ("test_table.py",)  # the table's own tests: no fault is tried there
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,7 +42,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             what, outcome = mark.args
             _rows[item.nodeid] = {"what": what, "outcome": outcome, "result": "not run"}
     if path := config.getoption("--reliability-rows"):
-        Path(path).write_text(json.dumps(list(_rows.values()), indent=1))
+        unmarked = [
+            item.nodeid
+            for item in items
+            if HERE in Path(item.path).resolve().parents
+            and item.path.name not in NOT_CASES
+            and item.get_closest_marker("fault") is None
+        ]
+        Path(path).write_text(json.dumps({"rows": list(_rows.values()), "unmarked": unmarked}, indent=1))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -708,10 +708,3 @@ def test_the_cli_rejects_an_output_folder_it_cannot_create_in_one_line(tmp_path,
     res = run_cli(tiny_overrides(small_data, tmp_path / "cache", **{"hydra.run.dir": tmp_path / "a_file" / "run"}))
     assert_one_line_error(res, "config", f"hydra.run.dir={tmp_path}/a_file/run: {tmp_path}/a_file is a file")
     assert (tmp_path / "a_file").read_text() == "" and not (tmp_path / "cache").exists()
-
-
-def test_every_case_here_is_a_row_of_the_reliability_table(request):
-    """Each test of this file carries pytest.mark.fault(what, outcome): the README's reliability table."""
-    items = [i for i in request.session.items if i.path == request.path and i.name != request.node.name]
-    missing = [i.name for i in items if i.get_closest_marker("fault") is None]
-    assert not missing, missing

@@ -198,7 +198,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_from_the_previou
         summary = train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), run_dir)
     assert "skipping checkpoint" in caplog.text and f"{names[1]}: damaged" in caplog.text
     assert "resumed from" in caplog.text and f"{names[0]} at step 5" in caplog.text
-    assert summary["step"] == 10
+    assert summary.step == 10
     # the resumed run retrains steps 6..10 exactly as the first run did
     first = {r["step"]: r["train/loss"] for r in read_metrics(runs[fmt]) if "train/loss" in r}
     again = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}

@@ -16,13 +16,17 @@ from scaletrain.records import RunDirInUse
 from scaletrain.run import preflight
 from scaletrain.trainer import train
 
-from ..conftest import compose_cfg, read_metrics, tiny_overrides
+from ..conftest import compose_cfg, read_metrics, tiny_overrides, train_losses
+
+# a constant lr after warmup: a step's lr does not depend on train.max_steps, so a run extended from 20 to 30 steps
+# trains as one that was given 30 from the start
+CONSTANT_LR = {"optim.schedule.decay": "constant"}
 
 
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory, tinystories_dir, data_cache) -> Path:
     run_dir = tmp_path_factory.mktemp("old")
-    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **{"train.max_steps": 20})), run_dir)
+    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **CONSTANT_LR, **{"train.max_steps": 20})), run_dir)
     return run_dir
 
 
@@ -84,11 +88,30 @@ def test_overwrite_deletes_the_old_records_and_the_new_run_keeps_its_own(
     assert steps == list(range(1, 11))
 
 
-def test_resume_auto_continues_the_folders_run(old_run, tmp_path, tinystories_dir, data_cache):
+@pytest.mark.fault(
+    "resume=auto in a finished run's folder with a larger train.max_steps (20 -> 30)",
+    "continues from its step-20 checkpoint; the records of steps 1-20 stay as written; losses equal an uninterrupted "
+    "30-step run",
+)
+def test_resume_auto_continues_the_folders_run(old_run, tmp_path, tinystories_dir, data_cache, caplog):
     run_dir = _copy(old_run, tmp_path / "run")
-    extra = {"train.resume": "auto", "train.max_steps": 30}
-    summary = train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), run_dir)
-    assert summary["step"] == 30
+    extra = {**CONSTANT_LR, "train.resume": "auto", "train.max_steps": 30}
+    with caplog.at_level("INFO", logger="scaletrain"):
+        summary = train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), run_dir)
+    assert f"resumed from {run_dir / records.CKPT_DIR / 'step_0000020.pt'} at step 20" in caplog.text
+    assert summary.step == 30
+    before = read_metrics(old_run)
+    assert read_metrics(run_dir)[: len(before)] == before  # what the run recorded up to step 20, untouched
+    uninterrupted = tmp_path / "uninterrupted"
+    extra = {**CONSTANT_LR, "train.max_steps": 30}
+    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), uninterrupted)
+    assert list(train_losses(old_run)) == [5, 10, 15, 20] and list(train_losses(run_dir)) == [5, 10, 15, 20, 25, 30]
+    assert train_losses(run_dir) == train_losses(uninterrupted)  # exactly: same seed, data order and lr per step
+    assert _val_losses(run_dir) == _val_losses(uninterrupted)
+
+
+def _val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r[records.VAL_LOSS] for r in read_metrics(run_dir) if records.VAL_LOSS in r}
 
 
 @pytest.mark.fault(
@@ -120,8 +143,8 @@ def test_an_attempt_without_a_checkpoint_reruns_into_the_same_wandb_run_and_metr
     with caplog.at_level("INFO", logger="scaletrain"):
         again = train(cfg, run_dir)
     assert "train.resume=auto: no checkpoint in" in caplog.text and "starting fresh" in caplog.text
-    assert first["wandb_id"] and again["wandb_id"] == first["wandb_id"]
-    assert (run_dir / records.WANDB_ID_FILE).read_text() == first["wandb_id"]
+    assert first.wandb_id and again.wandb_id == first.wandb_id
+    assert (run_dir / records.WANDB_ID_FILE).read_text() == first.wandb_id
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(name.endswith(first["wandb_id"]) for name in offline)
+    assert len(offline) == 2 and all(name.endswith(first.wandb_id) for name in offline)
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, 7))

@@ -1,0 +1,1 @@
+"""scaletrain's Hydra config tree (pkg://scaletrain.conf); see scaletrain/compose.py."""

@@ -1,0 +1,142 @@
+"""Evaluation during and after training: validation loss and bits per byte of every source, exact match of the
+sources with answers, and the sample stories. `Evaluator` is what the loop asks at an evaluation step (it runs
+both in eval mode and logs them); `evaluate`, `exact_match` and `sample` are also what `scaletrain.eval` and the
+tests call. Not here: decoding itself (generate.py), the metric sinks (metrics.py).
+
+Evaluation and sampling run in eval mode with their own generator, so they never touch the training RNG stream or
+the MoE balancing loads (exact resume). With several ranks every rank evaluates the same windows (FSDP2 needs every
+rank in each forward).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain import records
+from scaletrain.config import Config
+from scaletrain.data import EvalProblem, PreparedData, Tokenizer, eval_batches, synthetic
+from scaletrain.generate import complete, generate
+from scaletrain.model import Transformer
+
+log = logging.getLogger("scaletrain")
+
+
+@torch.no_grad()
+def _evaluate_stream(
+    model: nn.Module, tokens: np.ndarray, token_bytes: np.ndarray, cfg: Config, device: torch.device, autocast, world
+) -> tuple[float, float]:
+    """(mean next-token loss, bits per byte) over a fixed set of windows of one validation stream."""
+    nats, n_tokens, n_bytes = torch.zeros((), device=device), 0, 0
+    t = cfg.train
+    for x, y in eval_batches(tokens, t.batch_size // world, cfg.data.seq_len, t.eval_batches * world):
+        n_tokens += y.numel()
+        n_bytes += int(token_bytes[y.numpy()].sum())
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x).logits
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+    total = nats.item()
+    # bpb: total nats of the predicted tokens -> bits, divided by the UTF-8 bytes those tokens encode.
+    return total / n_tokens, total / math.log(2) / n_bytes
+
+
+def evaluate(
+    model: nn.Module, data: PreparedData, cfg: Config, device: torch.device, autocast, world_size: int = 1
+) -> dict:
+    """Mean next-token loss over a fixed set of validation windows of each source, and their exact bits per
+    byte. Several sources: each one's as val/<source>/loss and val/<source>/bpb, and val/loss, val/bpb the
+    means weighted by the sources' training shares (the mixture's loss). With several ranks each one
+    evaluates the same windows in per-rank micro-batches (same result)."""
+    model.eval()
+    token_bytes = data.tokenizer.token_bytes()  # UTF-8 bytes each id stands for (eot: 0)
+    out: dict[str, float] = {records.VAL_LOSS: 0.0, records.VAL_BPB: 0.0}
+    for name, source in data.sources.items():
+        loss, bpb = _evaluate_stream(model, source.val.tokens, token_bytes, cfg, device, autocast, world_size)
+        out[records.VAL_LOSS] += source.weight * loss
+        out[records.VAL_BPB] += source.weight * bpb
+        if len(data.sources) > 1:
+            out[records.source_metric(name, "loss")] = loss
+            out[records.source_metric(name, "bpb")] = bpb
+        problems = source.problems[: cfg.train.eval_problems]
+        if problems:
+            with autocast():
+                out[records.source_metric(name, "exact_match")] = exact_match(
+                    model, data.tokenizer, problems, cfg.train.eval_answer_tokens
+                )
+    return out
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, tokenizer: Tokenizer, problems: list[EvalProblem], max_new_tokens: int) -> float:
+    """The share of `problems` whose greedy continuation (batched, KV-cached, stopped at end-of-text) states
+    the exact answer: `synthetic.extract_answer` (the text after '####', canonical) equals the problem's.
+    A prompt longer than the model's context counts as wrong, never truncated."""
+    inner = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 shards the module itself
+    assert isinstance(inner, Transformer)
+    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    fits = [i for i, ids in enumerate(prompts) if len(ids) < inner.max_seq_len]
+    if not fits:
+        return 0.0
+    answers = complete(inner, [prompts[i] for i in fits], max_new_tokens, stop_token=tokenizer.eot_id)
+    right = sum(synthetic.extract_answer(tokenizer.decode(new)) == problems[i].answer for i, new in zip(fits, answers))
+    return right / len(problems)
+
+
+def sample(model: Transformer, data: PreparedData, cfg: Config, device: torch.device, step: int) -> list[str]:
+    """A few stories from the prompt. Uses its own generator so training RNG is untouched."""
+    t = cfg.train
+    if t.sample_count == 0:
+        return []
+    gen = torch.Generator(device=device).manual_seed(t.seed + step)
+    text = data.sample_prompt  # the data config's prompt, else a validation problem; none: from end-of-text
+    ids = data.tokenizer.encode(text) if text else [data.tokenizer.eot_id]
+    prompt = torch.tensor([ids] * t.sample_count, device=device)
+    out = generate(
+        model,
+        prompt,
+        t.sample_tokens,
+        t.sample_temperature,
+        t.sample_top_k,
+        stop_token=data.tokenizer.eot_id,
+        generator=gen,
+    )
+    texts = []
+    for row in out.tolist():
+        if data.tokenizer.eot_id in row[prompt.shape[1] :]:
+            row = row[: prompt.shape[1] + row[prompt.shape[1] :].index(data.tokenizer.eot_id)]
+        texts.append(data.tokenizer.decode(row))
+    return texts
+
+
+class Evaluator:
+    """The loop's evaluation step: validation of every source (+ exact match) and samples, logged."""
+
+    def __init__(self, model: Transformer, data: PreparedData, cfg: Config, device: torch.device, autocast, world: int):
+        self.model, self.data, self.cfg, self.device, self.autocast, self.world = (
+            model,
+            data,
+            cfg,
+            device,
+            autocast,
+            world,
+        )
+
+    def __call__(self, step: int, logger) -> dict:
+        """-> the validation metrics of `step`, logged with the samples; the model is back in train mode after."""
+        # eval mode for both: dropout off (it would draw from the training RNG stream and break exact
+        # resume), and MoE layers do not count these tokens towards their balancing-bias update
+        val = evaluate(self.model, self.data, self.cfg, self.device, self.autocast, self.world)
+        texts = sample(self.model, self.data, self.cfg, self.device, step)
+        self.model.train()
+        logger.log(step, val)
+        logger.log_samples(step, texts)
+        log.info("step %d: val loss %.4f, val bpb %.4f", step, val[records.VAL_LOSS], val[records.VAL_BPB])
+        for i, text in enumerate(texts):
+            log.info("  sample %d: %r", i, text)
+        return val
