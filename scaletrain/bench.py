@@ -35,6 +35,7 @@ from torch import nn
 from scaletrain.build import build
 from scaletrain.compose import compose
 from scaletrain.config import AttentionConfig, Config, MLPConfig, Precision, load_config
+from scaletrain.cost import step_flops, tokens_per_step
 from scaletrain.data import BatchLoader, MixtureLoader
 from scaletrain.hardware import (
     configure_cpu_malloc,
@@ -230,7 +231,7 @@ def bench_config(cfg, precision: str, device: torch.device, peak_n: int, args) -
     tokens = np.random.default_rng(0).integers(0, vocab, size=max(10 * B * (T + 1), 2_000_000), dtype=np.int64)
     tokens = tokens.astype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     with torch.device("meta"):  # the naive model has the same shape, so the same count
-        flops_per_token = Transformer(cfg.model, vocab, T, cfg.moe).flops_per_token(T)
+        flops_per_token = step_flops(cfg, Transformer(cfg.model, vocab, T, cfg.moe)).flops_per_token
     contenders = [
         build_contender(cfg, impl, device, tokens, flops_per_token)
         for impl in ("scaletrain", "naive")[: 1 + args.naive]
@@ -255,7 +256,7 @@ def bench_config(cfg, precision: str, device: torch.device, peak_n: int, args) -
     for c in contenders:
         med = {k: statistics.median(v) for k, v in c.phases.items()}
         step = sum(med.values())
-        tok_s = B * T * cfg.train.grad_accum / step
+        tok_s = tokens_per_step(cfg) / step
         row = {
             "config": args.label,
             "impl": c.impl,

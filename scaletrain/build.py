@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from scaletrain import distributed, export_hf, hardware
-from scaletrain.config import Config, ConfigError, Precision, load_config
+from scaletrain.config import Config, Precision, check_batch_split, load_config
 from scaletrain.data import BatchLoader, MixtureLoader, PreparedData, prepare_data
 from scaletrain.model import Transformer
 from scaletrain.optim import build_optimizer, build_scheduler
@@ -81,8 +81,7 @@ def build_loader(
     """This rank's shard of every global batch: batch_size / world_size sequences, from one token stream, or
     from several with each row's source drawn by weight."""
     world, bs = dist.world_size, cfg.train.batch_size
-    if bs % world:
-        raise ConfigError(f"train.batch_size: {bs} (global) must be divisible by the {world} ranks")
+    check_batch_split(bs, world, f"this process group ({dist.launcher})")
     common = dict(seed=cfg.train.seed, rank=dist.rank, world_size=world, pin_memory=device.type == "cuda")
     if len(streams) == 1:
         return BatchLoader(streams[0], bs // world, cfg.data.seq_len, **common)  # pyright: ignore[reportArgumentType]

@@ -36,7 +36,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from scaletrain import distributed
-from scaletrain.config import BadInput
+from scaletrain.config import BadInput, Resume, resume_role
 from scaletrain.records import (
     CKPT_DIR,
     DCP_METADATA,
@@ -353,41 +353,6 @@ def load_sharded_state(path: Path, model: torch.nn.Module, optimizer: torch.opti
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-# Config keys a checkpoint cannot be loaded or continued under when they change: the shapes of the model and
-# its state, the tokenizer, the optimizer's kind, and what the data loader's position means.
-_FIXED = (
-    "model.",
-    "moe.",
-    "data.tokenizer.",
-    "data.sources.",  # what the training text is, and each source's share: the data order
-    "data.seq_len",
-    "optim.name",
-    "train.batch_size",
-    "train.grad_accum",
-    "train.seed",
-)
-_FIXED_EXCEPT = ("model.dropout", "model.attn_dropout", "moe.impl", "moe.router_jitter", "model.name", "moe.name")
-_APPLIES = (".sample_prompt", ".prompt_template")  # what samples and evaluation start from: not the training
-# Keys that say where or how a run executes, not what it trains: never reported
-_NOT_TRAINING = (
-    "train.resume",
-    "train.device",
-    "train.progress_bar",
-    "train.measure_cpu_peak",
-    "logging.",
-    "cluster.",
-    "data.path",
-    "data.cache_dir",
-    "data.num_proc",
-    "experiment",
-    "train.cpu_malloc_cache",
-)
-
-
-# where a source's files are (data.sources.<name>.path), not what they hold (their fingerprints key the cache)
-_WHERE_LEAVES = (".path", ".path_key")
-
-
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -414,18 +379,21 @@ def _implied(key: str, saved: dict[str, Any]) -> Any:
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(changes that forbid resuming, changes that apply from here on), one 'key: now (checkpoint: saved)'
-    line each. Hyperparameters (lr, schedule, max_steps, cadences, dropout, ...) apply; shapes and the data
-    order do not."""
+    line each, by each key's role as its schema field declares it (config.resume_role): identity keys (shapes,
+    tokenizer, optimizer kind, data order) forbid, hyperparameters (lr, schedule, max_steps, cadences, dropout,
+    ...) apply, placement keys (paths, device, launcher, W&B) are not reported."""
     a, b = _flatten(saved), _flatten(now)
     blocking, applied = [], []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or key.startswith(_NOT_TRAINING) or key.endswith(_WHERE_LEAVES):
+        if a.get(key) == b.get(key):
+            continue
+        role = resume_role(key, now if key in b else saved)  # a component's fields: in the schema its config names
+        if role == Resume.placement:
             continue
         if key not in a and b.get(key) == _implied(key, saved):  # a key added after the checkpoint was written
             continue
         line = f"{key}: {b.get(key, '(absent)')} (checkpoint: {a.get(key, '(absent)')})"
-        fixed = key.startswith(_FIXED) and not key.startswith(_FIXED_EXCEPT) and not key.endswith(_APPLIES)
-        (blocking if fixed else applied).append(line)
+        (blocking if role == Resume.identity else applied).append(line)
     return blocking, applied
 
 

@@ -25,9 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
 import string
 import tempfile
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -55,6 +60,16 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_batch_split(batch_size: int, ranks: int, whose: str) -> None:
+    """The one rule for splitting the global batch: every rank takes an equal share. `whose` names the ranks
+    (the cluster settings when configured, the job's launcher when running)."""
+    _check(
+        batch_size % ranks == 0,
+        "train.batch_size",
+        f"{batch_size} (global) must be divisible by the {ranks} ranks of {whose} (each takes an equal share)",
+    )
+
+
 def _in_range(value: float, lo: float, hi: float, key: str, closed_hi: bool = False) -> None:
     ok = lo <= value <= hi if closed_hi else lo <= value < hi
     _check(ok, key, f"must be in [{lo}, {hi}{']' if closed_hi else ')'}, got {value}")
@@ -64,6 +79,145 @@ def suggest(word: str, options: list[str]) -> str:
     """' (did you mean X?)' for the nearest option, or '' when nothing is close."""
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------- what each key is to a resumed run
+class Resume(StrEnum):
+    """The role of a config key for a run that continues (checkpoint.config_changes) and for the commands that group
+    runs by their settings (run names, Hydra's override_dirname). Declared on the schema's field with `identity(...)`,
+    `hyperparameter(...)` or `placement(...)`; a field that declares none has the role of the field it sits in, and
+    Config's fields give each group's (`resume_role`). Not roles.Role (a parameter's role in the model)."""
+
+    identity = "identity"  # what the checkpoint's state is: shapes, tokenizer, optimizer kind, data order; refuses
+    hyperparameter = "hyperparameter"  # how training goes on (lr, schedule, steps, cadences); applies, logged
+    placement = "placement"  # where or how a run executes (paths, device, launcher, W&B); free, never reported
+
+
+RESUME_ROLE = "scaletrain.resume"  # the key of a field's Resume role in its dataclass metadata
+
+
+def _declare(role: Resume, default: Any, factory: Any) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={RESUME_ROLE: role})
+    return field(default=default, metadata={RESUME_ROLE: role})
+
+
+def identity(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A schema field whose change refuses a resume (`name: str = identity("x")`, `identity(factory=Node)`)."""
+    return _declare(Resume.identity, default, factory)
+
+
+def hyperparameter(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A schema field whose change applies from the resumed step on, and is logged."""
+    return _declare(Resume.hyperparameter, default, factory)
+
+
+def placement(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A schema field that says where or how a run executes: free to change, never reported, not in run names."""
+    return _declare(Resume.placement, default, factory)
+
+
+def resume_role(key: str, config: Mapping[str, Any] | None = None) -> Resume:
+    """The role of a full key (`model.d_model`, `optim.betas[1]`, `data.sources.<name>.path`, a group as an override
+    names it: `model/attention`): the role declared by the deepest field along the key that declares one (a subclass
+    that redefines a field keeps its base's role), else hyperparameter. A component's fields are looked up in its
+    actual schema (`MuonOptimConfig`'s, a plugin's): the one `config` (a plain dict, as `to_dict` writes it) names at
+    that node, else the first schema of the kind that has the field. A key the schemas do not know (removed since a
+    checkpoint was written) has the role of its known part."""
+    role: Resume = Resume.hyperparameter
+    tp: Any = Config
+    node: Any = config
+    for part in [p for p in re.split(r"[./\[\]]", key.lstrip("+~")) if p]:
+        tp = _unwrap_optional(tp)
+        if typing.get_origin(tp) in (dict, list):  # a dict's entry or a list's item: the value's schema
+            args = typing.get_args(tp)
+            tp, node = (args[-1] if args else Any), _child(node, part)
+            continue
+        if not (isinstance(tp, type) and is_dataclass(tp)):
+            break
+        cls = _actual_schema(tp, part, node)
+        if part not in _field_types(cls):
+            break
+        role = _declared_role(cls, part) or role
+        tp, node = _field_types(cls)[part], _child(node, part)
+    return role
+
+
+def placement_keys(cls: type | None = None, prefix: str = "", role: Resume = Resume.hyperparameter) -> list[str]:
+    """Every key of the schemas that a command line sets as one value (a group, a node, a leaf; a dict's entries
+    and list items not apart) whose role is placement, in schema order; a component's over all its schemas."""
+    out: list[str] = []
+    cls = cls or Config
+    for schema in list(component_schemas(component_base(cls)).values()) if _is_component(cls) else [cls]:
+        for f in fields(schema):
+            key, tp = f"{prefix}{f.name}", _unwrap_optional(_field_types(schema)[f.name])
+            own = _declared_role(schema, f.name) or role
+            if own == Resume.placement:
+                out.append(key)
+            if isinstance(tp, type) and is_dataclass(tp):
+                out.extend(placement_keys(tp, f"{key}.", own))
+    return list(dict.fromkeys(out))
+
+
+# overrides that name no schema key and stay out of a run's name as well: the test settings and this machine's
+# settings (groups of the defaults list only), the folders Hydra puts a run or a sweep in
+UNNAMED_OVERRIDES = ("debug", "local", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def override_dirname_exclude() -> list[str]:
+    """Hydra's `hydra.job.config.override_dirname.exclude_keys` (stored by `register_configs` as the config
+    `scaletrain_hydra`, which conf/config.yaml's defaults list names): every placement key, and UNNAMED_OVERRIDES.
+    A run is named by what it trains, not by where it runs."""
+    return [*placement_keys(), *UNNAMED_OVERRIDES]
+
+
+def _is_component(cls: type) -> bool:
+    return issubclass(cls, ComponentConfig) and cls is not ComponentConfig
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if a is not type(None)), Any)
+    return tp
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, Mapping):
+        return node.get(part)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's type, resolved (annotations are strings here: `from __future__ import annotations`)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve: its fields are leaves
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in fields(cls)}
+
+
+def _declared_role(cls: type, name: str) -> Resume | None:
+    for c in cls.__mro__:
+        declared = c.__dict__.get("__dataclass_fields__", {}).get(name)
+        if declared is not None and RESUME_ROLE in declared.metadata:
+            return Resume(declared.metadata[RESUME_ROLE])
+    return None
+
+
+def _actual_schema(tp: type, part: str, node: Any) -> type:
+    """The schema of a node: a component's by the name the config gives it, else the first that has `part`."""
+    if not _is_component(tp):
+        return tp
+    schemas = component_schemas(component_base(tp))
+    name = node.get("name") if isinstance(node, Mapping) else None
+    if name in schemas:
+        return schemas[name]
+    if part in _field_types(tp):
+        return tp
+    return next((c for c in schemas.values() if part in _field_types(c)), tp)
 
 
 # ---------------------------------------------------------------- components
@@ -79,8 +233,8 @@ class ComponentConfig:
     device), so the target receives the typed node rather than its fields as keywords."""
 
     GROUP: ClassVar[str] = ""  # the Hydra group of this kind's options (the node's key: dots for slashes)
-    name: str = MISSING
-    _target_: str = MISSING
+    name: str = identity(MISSING)  # which component: its subclasses' redefinitions keep the role
+    _target_: str = identity(MISSING)
 
     def __post_init__(self) -> None:
         key = self.GROUP.replace("/", ".")
@@ -157,7 +311,9 @@ class Activation(StrEnum):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
+    """The network (scaletrain/model.py); under `Config.model`, every field is identity unless it says otherwise."""
+
+    name: str = hyperparameter(MISSING)  # a label: the shape is in the fields
     d_model: int = 512
     n_layers: int = 3
     n_heads: int = 4
@@ -173,10 +329,10 @@ class ModelConfig:
     activation: Activation = Activation.relu
     bias: bool = False
     tie_embeddings: bool = False  # tie W_ue to the token embedding (requires n_embed == d_model)
-    dropout: float = 0.0  # on the embedding output, the attention output and the MLP output
+    dropout: float = hyperparameter(0.0)  # on the embedding output, the attention output and the MLP output
     # On the attention probabilities (HF's attn_pdrop). Off by default, as in Llama/OLMo: SDPA's CPU flash
     # kernel has no dropout, so any p > 0 takes the math path (2x slower attention, T x T memory on CPU).
-    attn_dropout: float = 0.0
+    attn_dropout: float = hyperparameter(0.0)
     qk_norm: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -247,7 +403,7 @@ class MoEImpl(StrEnum):
 class MoEConfig:
     """Mixture-of-Experts layer settings (scaletrain/moe.py). `n_experts: 0` (option `moe=none`) = dense MLPs."""
 
-    name: str = "none"
+    name: str = hyperparameter("none")  # a label: the shape is in the fields
     n_experts: int = 0  # routed experts; 0 = dense MLP in every layer
     top_k: int = 0  # routed experts per token
     every: int = 1  # MoE replaces the MLP of layers i with (i + 1) % every == 0
@@ -269,8 +425,8 @@ class MoEConfig:
     balance_scope: BalanceScope = BalanceScope.global_batch
     z_loss_coef: float = 0.001  # router z-loss coef * mean(logsumexp(logits)^2)
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) gamma; 0 = off
-    router_jitter: float = 0.0  # training only: router input scaled by U(1 - eps, 1 + eps) (Switch)
-    impl: MoEImpl = MoEImpl.auto
+    router_jitter: float = hyperparameter(0.0)  # training only: router input scaled by U(1 - eps, 1 + eps) (Switch)
+    impl: MoEImpl = hyperparameter(MoEImpl.auto)  # how, not what: grouped and loop compute the same layer
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 0, "moe.n_experts", f"must be >= 0 (0 = dense MLPs), got {self.n_experts}")
@@ -517,18 +673,18 @@ class SourceConfig:
     hub_config: str | None = None  # its config name (GSM8K: "main")
     train_split: str = "train"  # hub split name; local files: train.* / <train_split>.*
     val_split: str = "validation"  # hub split name; local files: <val_split>.*, valid.*, validation.* or val.*
-    path: str | None = None  # local folder with the split files
+    path: str | None = placement(None)  # local folder with the split files (where, not what: the cache keys contents)
     text_column: str = "text"  # text: the column holding documents (.jsonl / .parquet / hub)
     # the document made from each record. text: null = the `text_column` as it is, else a format string over
     # the record's fields ("{instruction}\n{response}"). gsm8k (null = GSM8K_TEMPLATE): from {question},
     # {answer} (as in the file), {solution} (the worked steps) and {final} (the final answer, commas removed);
     # prompt_template is what exact-match generation starts from
     template: str | None = None
-    prompt_template: str = "Question: {question}\nAnswer:"
+    prompt_template: str = hyperparameter("Question: {question}\nAnswer:")  # evaluation's start, not training
     strip_calculator: bool = True  # gsm8k: drop the <<48/2=24>> calculator annotations
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    sample_prompt: str | None = None  # samples during training start here (null: the first validation problem)
-    path_key: str | None = None  # set by DataConfig: "data.path" when that shortcut gave `path` (errors name it)
+    sample_prompt: str | None = hyperparameter(None)  # samples during training start here (null: 1st val problem)
+    path_key: str | None = placement(None)  # set by DataConfig: "data.path" when that shortcut gave `path` (errors)
 
     def check(self, key: str) -> None:
         """The source's rules, errors naming `key` (data.sources.<name>)."""
@@ -571,12 +727,13 @@ class SourceConfig:
 class DataConfig:
     name: str = "tinystories"
     # name -> source; the name keys the per-source metrics (val/<name>/loss, ...). Set by each data/*.yaml.
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    path: str | None = None  # shortcut: the local folder of the only source (= data.sources.<its name>.path)
-    seq_len: int = 256
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    cache_dir: str = "${oc.env:SCALETRAIN_CACHE,${oc.env:HOME}/.cache/scaletrain}"
-    num_proc: int = 2  # processes for datasets.map tokenization
+    # identity: what the training text is, and each source's share (the data order)
+    sources: dict[str, SourceConfig] = identity(factory=dict)
+    path: str | None = placement(None)  # shortcut: the local folder of the only source (= data.sources.<name>.path)
+    seq_len: int = identity(256)
+    tokenizer: TokenizerConfig = identity(factory=TokenizerConfig)
+    cache_dir: str = placement("${oc.env:SCALETRAIN_CACHE,${oc.env:HOME}/.cache/scaletrain}")
+    num_proc: int = placement(2)  # processes for datasets.map tokenization
     hub_timeout_s: float = 5.0  # give up on the hub after this many seconds
     max_val_tokens: int | None = None  # cap each source's validation split (None = whole split)
 
@@ -643,12 +800,12 @@ RESUME_KEYWORDS = ("none", "auto")  # train.resume: none | auto | a checkpoint f
 @dataclass
 class TrainConfig:
     name: str = "default"
-    seed: int = 1337
+    seed: int = identity(1337)  # the data order (and the initial weights)
     max_steps: int = 2000
-    batch_size: int = 32  # sequences per micro-batch over all ranks (each rank takes batch_size / world_size)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = identity(32)  # sequences per micro-batch over all ranks (each rank: batch_size / world_size)
+    grad_accum: int = identity(1)  # micro-batches per optimizer step (with batch_size: what a data position counts)
     grad_clip: float = 1.0  # 0 disables clipping
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (not a closed set: cuda:N)
+    device: str = placement("auto")  # auto | cpu | cuda | cuda:N | mps (not a closed set: cuda:N)
     parallel: ParallelMode = ParallelMode.ddp  # with several ranks
     precision: Precision = Precision.auto  # bf16 = autocast around forward (CUDA and CPU); auto: bf16 where fast
     compile: bool = False  # torch.compile each transformer block (fullgraph for dense blocks), not the whole model
@@ -658,12 +815,12 @@ class TrainConfig:
     ckpt_every: int = 500
     ckpt_keep: int = 2  # keep this many most recent step checkpoints; 0 = keep all
     ckpt_format: CkptFormat = CkptFormat.auto
-    resume: str = "none"  # none | auto | PATH to a checkpoint file or directory
+    resume: str = placement("none")  # none | auto | PATH to a checkpoint file or directory
     # a fresh run (resume=none) refuses a run folder holding another run's checkpoints or metrics; true deletes
     # them first (the folder's checkpoints/, metrics.jsonl, summary.json)
     overwrite: bool = False
     log_every: int = 10
-    progress_bar: bool = True  # shown only when stderr is a terminal (never in SLURM/submitit logs)
+    progress_bar: bool = placement(True)  # shown only when stderr is a terminal (never in SLURM/submitit logs)
     sample_count: int = 2
     # exact-match evaluation, at every evaluation, of each source with answers (gsm8k, synthetic): its first
     # eval_problems validation problems, answered greedily in at most eval_answer_tokens tokens. 0 = off
@@ -673,8 +830,8 @@ class TrainConfig:
     sample_temperature: float = 0.8
     sample_top_k: int = 50
     matmul_peak_tflops: float | None = None  # override the peak used for MFU
-    measure_cpu_peak: bool = True  # on CPU, time a matmul at start-up to get a peak for MFU
-    cpu_malloc_cache: bool = True  # on CPU, glibc malloc keeps freed memory (see hardware.configure_cpu_malloc)
+    measure_cpu_peak: bool = placement(True)  # on CPU, time a matmul at start-up to get a peak for MFU
+    cpu_malloc_cache: bool = placement(True)  # on CPU, glibc malloc keeps freed memory (hardware.configure_cpu_malloc)
     # size the run instead of training it (scaletrain/sizing.py, docs/sizing.md): parameters, FLOPs, per-GPU
     # memory on dry_run_gpus GPUs of dry_run_gpu_mem_gb each; no weights are allocated, no data is read
     dry_run: bool = False
@@ -895,15 +1052,17 @@ class StudyConfig:
 # ---------------------------------------------------------------- root
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    optim: OptimConfig = MISSING  # the `optim` group picks the schema (adamw_schema, muon_schema, ...)
-    data: DataConfig = field(default_factory=DataConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    experiment: str | None = None  # name of the experiment recipe, set by conf/experiment/*.yaml
-    study: StudyConfig | None = None  # set by study recipes (python -m scaletrain.study)
+    """The root. Each field's Resume role is its group's: a field inside says otherwise where it differs."""
+
+    model: ModelConfig = identity(factory=ModelConfig)
+    moe: MoEConfig = identity(factory=MoEConfig)
+    optim: OptimConfig = hyperparameter(MISSING)  # the `optim` group picks the schema (adamw_schema, muon_schema, ...)
+    data: DataConfig = hyperparameter(factory=DataConfig)
+    cluster: ClusterConfig = placement(factory=ClusterConfig)
+    train: TrainConfig = hyperparameter(factory=TrainConfig)
+    logging: LoggingConfig = placement(factory=LoggingConfig)
+    experiment: str | None = placement(None)  # name of the experiment recipe, set by conf/experiment/*.yaml
+    study: StudyConfig | None = hyperparameter(None)  # set by study recipes (python -m scaletrain.study)
 
     def __post_init__(self) -> None:
         """Rules spanning groups (each group's own rules ran in its __post_init__)."""
@@ -918,13 +1077,9 @@ class Config:
         # and some let nan through; no setting means anything useful when it is not finite
         for key, value in _floats(self, ""):
             _check(math.isfinite(value), key, f"must be a finite number, got {value}")
-        ranks = self.cluster.nodes * self.cluster.tasks_per_node
-        _check(
-            self.train.batch_size % ranks == 0,
-            "train.batch_size",
-            f"{self.train.batch_size} (global) must be divisible by the {ranks} ranks of cluster.nodes="
-            f"{self.cluster.nodes} x cluster.tasks_per_node={self.cluster.tasks_per_node} (each takes an equal share)",
-        )
+        c = self.cluster
+        whose = f"cluster.nodes={c.nodes} x cluster.tasks_per_node={c.tasks_per_node}"
+        check_batch_split(self.train.batch_size, c.nodes * c.tasks_per_node, whose)
         tok = self.data.tokenizer
         ids, which = (GPT2_VOCAB_SIZE, "GPT-2's") if tok.kind == TokenizerKind.gpt2 else (tok.vocab_size, "the BPE's")
         _check(
@@ -969,7 +1124,8 @@ COMPONENT_BASES: tuple[type[ComponentConfig], ...] = ()  # set below, once the b
 def register_configs() -> None:
     """Import the plugins (plugins.py), then store the root schema (`scaletrain_schema`) and every component
     schema in its group (`optim/<name>_schema`, `model/attention/<name>_schema`, `model/mlp/<name>_schema`),
-    built-ins and plugins alike."""
+    built-ins and plugins alike; and `scaletrain_hydra`, Hydra's settings computed from the schemas (the keys
+    override_dirname leaves out: `override_dirname_exclude`)."""
     from hydra.core.config_store import ConfigStore
 
     from scaletrain.plugins import load_plugins
@@ -977,6 +1133,8 @@ def register_configs() -> None:
     load_plugins()
     cs = ConfigStore.instance()
     cs.store(name="scaletrain_schema", node=Config)
+    exclude = {"exclude_keys": override_dirname_exclude()}
+    cs.store(name="scaletrain_hydra", node={"hydra": {"job": {"config": {"override_dirname": exclude}}}})
     for base in COMPONENT_BASES:
         for name, cls in component_schemas(base).items():
             parent = cls.__mro__[1]

@@ -135,12 +135,16 @@ def config_tags(config: dict) -> list[str]:
     return [f"{group}={config[group][key]}" for group, key in keys if group in config]
 
 
-# summary.json fields that W&B already has as the last value of a logged metric (or as its own _step)
+# summary.json fields that W&B already has as the last value of a logged metric (or as its own _step); checked
+# against records.Summary at import, so a misspelt field cannot silently send a second copy
 _LOGGED_AS = {
-    "val_loss": records.VAL_LOSS,
-    "val_bpb": records.VAL_BPB,
-    "tokens_seen": records.TRAIN_TOKENS,
-    "step": "_step",
+    records.Summary.check_field(name): key
+    for name, key in {
+        "val_loss": records.VAL_LOSS,
+        "val_bpb": records.VAL_BPB,
+        "tokens_seen": records.TRAIN_TOKENS,
+        "step": "_step",
+    }.items()
 }
 
 

@@ -34,13 +34,14 @@ import secrets
 import socket
 import time
 import traceback
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from scaletrain.config import BadInput
+from scaletrain.config import BadInput, suggest
 
 # ----------------------------------------------------------------------------------------------------
 # File names of a run directory
@@ -232,8 +233,29 @@ class Summary:
     def fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    @classmethod
+    def numeric_fields(cls) -> tuple[str, ...]:
+        """The fields that hold a number (all but run_name, wandb_id and val): what a report can average over
+        seeds and compare, and so what a summary field named at run time (a report metric) may be."""
+        hints = typing.get_type_hints(cls)
+        return tuple(name for name in cls.fields() if hints[name] in (int, float, float | None))
+
+    @classmethod
+    def check_field(cls, name: str, numeric: bool = False) -> str:
+        """`name` when it is a field (`numeric`: one holding a number); otherwise a ValueError naming the nearest
+        valid field. For a field chosen by name at run time: a typo must not read as a missing value."""
+        options = list(cls.numeric_fields() if numeric else cls.fields())
+        if name not in options:
+            what = "numeric summary field" if numeric else "summary field"
+            raise ValueError(f"{name!r} is no {what}{suggest(name, options)}; the {what}s: {', '.join(options)}")
+        return name
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """One level: every field but `val` in field order, then val's metrics under their own keys (runs.csv)."""
+        return {**{k: v for k, v in self.to_dict().items() if not isinstance(v, dict)}, **self.val}
 
     @classmethod
     def from_dict(cls, d: Any) -> Summary:

@@ -36,8 +36,11 @@ from scaletrain.config import (
     BadInput,
     Config,
     ConfigError,
+    Resume,
+    check_batch_split,
     load_config,
     register_configs,
+    resume_role,
     suggest,
     to_dict,
     unwritable,
@@ -97,11 +100,14 @@ def _override_key(override: str) -> str:
 
 
 def run_name(cfg: Config, task_overrides: list[str], swept_keys: list[str], run_dir: Path) -> str:
-    """W&B run name: `key=value,...` of the keys the sweep varies (a sweep job), else
-    `<experiment or model-optim>-<run folder>` (a single run). logging.wandb.name, when set, wins."""
+    """W&B run name: `key=value,...` of the keys the sweep varies (a sweep job) but placement keys (where a run
+    executes is not what it trains: config.resume_role), else `<experiment or model-optim>-<run folder>` (a single
+    run). logging.wandb.name, when set, wins."""
     if cfg.logging.wandb.name:
         return cfg.logging.wandb.name
-    swept = [o.lstrip("+~") for o in task_overrides if _override_key(o) in swept_keys]
+    named = [o for o in task_overrides if _override_key(o) in swept_keys]
+    as_dict = to_dict(cfg) if named else {}  # a component's fields: in the schema the config names
+    swept = [o.lstrip("+~") for o in named if resume_role(_override_key(o), as_dict) != Resume.placement]
     if swept:
         return ",".join(swept)
     base = cfg.experiment or "-".join([cfg.model.name, *([cfg.moe.name] if cfg.moe.n_experts else []), cfg.optim.name])
@@ -123,11 +129,7 @@ def check_job(cfg: Config, run_dir: Path) -> None:
 
     dist = distributed.detect_env()  # before pick_device, as the trainer: a submitit_local job may re-expose GPUs
     hardware.pick_device(cfg.train.device)
-    if cfg.train.batch_size % dist.world_size:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} (global) must be divisible by the {dist.world_size} ranks of "
-            f"this job ({dist.launcher}): each rank takes an equal share"
-        )
+    check_batch_split(cfg.train.batch_size, dist.world_size, f"this job ({dist.launcher})")
     if dist.is_main:  # only rank 0 logs to W&B
         check_wandb(cfg.logging.wandb)
 

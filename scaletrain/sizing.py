@@ -28,6 +28,7 @@ from scaletrain.config import (
     Precision,
     TokenizerKind,
 )
+from scaletrain.cost import step_flops
 from scaletrain.model import Transformer
 from scaletrain.moe import moe_layers
 from scaletrain.records import write_json
@@ -251,7 +252,7 @@ def size(cfg: Config, gpus: int, gpu_mem_gb: float, micro_batch: int | None = No
     return Sizing(
         params_total=P,
         params_active=counts["active"],
-        flops_per_token=model.flops_per_token(T),
+        flops_per_token=step_flops(cfg, model).flops_per_token,
         gpus=gpus,
         parallel=str(cfg.train.parallel) if gpus > 1 else "single",
         precision=str(cfg.train.precision),

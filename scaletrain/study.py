@@ -102,19 +102,6 @@ def _study_defaults() -> dict[str, object]:
     return out
 
 
-def flops_per_step(cfg: Config) -> float:
-    """Training FLOPs of one optimizer step: the model's (MoE: active parameters only) over the step's tokens,
-    plus the optimizer's own (Muon's Newton-Schulz iterations), as the trainer counts them."""
-    from scaletrain.muon import newton_schulz_flops
-    from scaletrain.sizing import meta_model
-
-    model = meta_model(cfg)
-    tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-    muon = getattr(cfg.optim, "muon", None)
-    optimizer = newton_schulz_flops(model, muon.ns_steps) if muon else 0.0
-    return model.flops_per_token(cfg.data.seq_len) * tokens + optimizer
-
-
 def arm_order(study: StudyConfig) -> list[str]:
     """Arms so that an arm comes after the arms it inherits tuned values from."""
     done: list[str] = []
@@ -190,8 +177,10 @@ class Study:
         if frozen is not None:
             return frozen
         if self.study.match == StudyMatch.flops:
+            from scaletrain.cost import step_flops  # model + optimizer FLOPs per step, as the trainer counts them
+
             arms = self.study.arms.items()
-            cost = {name: flops_per_step(compose([*self.base(), *arm.overrides])) for name, arm in arms}
+            cost = {name: step_flops(compose([*self.base(), *arm.overrides])).total for name, arm in arms}
             unit = "FLOPs"
         else:
             cost = self.pace()
@@ -418,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"experiment={cfg.experiment}: the recipe has no study: section (see conf/experiment/"
                 "reasoning_mixture.yaml); use `python -m scaletrain.run -m` for a plain sweep"
             )
+        from scaletrain.report.collect import Metric
+
+        for text in (cfg.study.select, *cfg.study.metrics):
+            Metric.parse(text)  # a misspelt summary field fails now, naming the nearest, not after the runs
         root = Path(cfg.study.dir).resolve()
         study = Study(args.overrides, cfg, root, args.dry_run)
         tuned = study.run()

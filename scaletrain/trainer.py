@@ -56,10 +56,10 @@ from scaletrain import checkpoint as ckpt
 from scaletrain import distributed, hardware, records
 from scaletrain.build import build
 from scaletrain.config import BadInput, CkptFormat, Config, Precision, load_config, to_dict
+from scaletrain.cost import step_flops
 from scaletrain.evaluator import Evaluator
 from scaletrain.metrics import MetricsLogger
 from scaletrain.moe import moe_layers, moe_metrics, update_moe_biases
-from scaletrain.muon import newton_schulz_flops
 from scaletrain.records import RunState, Summary
 from scaletrain.roles import format_param_split
 from scaletrain.run_dir import RunFolder
@@ -270,10 +270,8 @@ class Trainer:
             f"{self.peak / 1e12:.1f} TFLOP/s" if self.peak else "nothing",
             peak_source,
         )
-        self.flops_per_token = self.model.flops_per_token(self.cfg.data.seq_len)
-        muon_cfg = getattr(self.cfg.optim, "muon", None)  # optim=muon: the Newton-Schulz FLOPs of each step
-        self.optimizer_flops_per_step = newton_schulz_flops(self.model, muon_cfg.ns_steps) if muon_cfg else 0.0
-        self.tokens_per_step = self.tc.batch_size * self.cfg.data.seq_len * self.tc.grad_accum
+        self.step_cost = step_flops(self.cfg, self.model)  # model + optimizer FLOPs per step (cost.py)
+        self.flops_per_token, self.tokens_per_step = self.step_cost.flops_per_token, self.step_cost.tokens
 
     def save(self) -> None:
         """Checkpoint this step in `train.ckpt_format` (every rank calls this); never from non-finite weights,
@@ -449,7 +447,7 @@ class Trainer:
             run_name=self.run_name,
             wandb_id=self.logger.wandb_id,
             val={k: v for k, v in val.items() if k.startswith("val/")},
-            optimizer_flops=self.optimizer_flops_per_step * p.step,
+            optimizer_flops=self.step_cost.optimizer * p.step,
             cpu_s=p.cpu_time(),
         )
         self.folder.finish(summary)

@@ -119,6 +119,15 @@ def scaletrain_run(args: list[str], env: dict[str, str], cwd: Path) -> subproces
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def train_4_steps(choice: list[str], env: dict[str, str], tmp_path: Path, data_dir: Path, cache: Path) -> dict:
+    """A tiny 4-step run with the plugin's option(s) `choice` in tmp_path/run -> its step-4 checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [*tiny_overrides(data_dir, cache), *choice, "train.max_steps=4", "train.ckpt_every=4"]
+    res = scaletrain_run([*args, f"hydra.run.dir={run_dir}"], env, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(run_dir / "checkpoints" / "step_0000004.pt", weights_only=True)
+
+
 def test_the_config_tree_ships_inside_the_package_and_composes_without_a_clone():
     assert front_door.CONFIG_PATH == "pkg://scaletrain.conf"
     tree = REPO / "scaletrain" / "conf"
@@ -180,11 +189,7 @@ def test_a_plugin_that_fails_to_import_is_one_line_naming_it(plugin, tmp_path):
 
 @pytest.mark.slow
 def test_a_plugin_optimizer_trains_and_checkpoints_its_own_state(plugin, tmp_path, tinystories_dir, data_cache):
-    run_dir = tmp_path / "run"
-    args = [*tiny_overrides(tinystories_dir, data_cache), "optim=sgd", "train.max_steps=4", "train.ckpt_every=4"]
-    res = scaletrain_run([*args, f"hydra.run.dir={run_dir}"], plugin, tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    state = torch.load(run_dir / "checkpoints" / "step_0000004.pt", weights_only=True)
+    state = train_4_steps(["optim=sgd"], plugin, tmp_path, tinystories_dir, data_cache)
     groups = state["optimizer"]["param_groups"]
     assert {g["momentum"] for g in groups} == {0.9} and {g["lr"] for g in groups} != {0.05}  # SGD's, scheduled
     assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
@@ -226,11 +231,8 @@ def test_a_plugin_mlp_composes_validates_and_is_noted_by_the_dry_run(mlp_plugin,
 
 @pytest.mark.slow
 def test_a_plugin_mlp_trains_and_its_parameters_fill_the_checkpoint(mlp_plugin, tmp_path, tinystories_dir, data_cache):
+    state = train_4_steps(["model/mlp=relu2"], mlp_plugin, tmp_path, tinystories_dir, data_cache)
     run_dir = tmp_path / "run"
-    args = [*tiny_overrides(tinystories_dir, data_cache), "model/mlp=relu2", "train.max_steps=4", "train.ckpt_every=4"]
-    res = scaletrain_run([*args, f"hydra.run.dir={run_dir}"], mlp_plugin, tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    state = torch.load(run_dir / "checkpoints" / "step_0000004.pt", weights_only=True)
     D = json.loads((run_dir / "config.json").read_text())["model"]["d_model"]
     mlp = {k.split(".mlp.")[1]: v.shape for k, v in state["model"].items() if ".mlp." in k}
     assert mlp == {"up.weight": (4 * D, D), "down.weight": (D, 4 * D)}  # the user module's, in every block

@@ -45,6 +45,9 @@ def a_summary(**changes) -> Summary:
         wallclock_s=61.5,
         run_name="model=a",
         wandb_id="abc123",
+        val={"val/loss": 3.25, "val/bpb": 1.5, "val/r/exact_match": 0.125},
+        optimizer_flops=2.5e8,
+        cpu_s=118.75,
     )
     return dataclasses.replace(s, **changes)
 
@@ -161,6 +164,15 @@ def test_summary_fields_are_the_documented_summary_json_keys():
     assert set(rp.SUMMARY_STATS) <= set(Summary.fields())
 
 
+def test_every_summary_field_round_trips_through_summary_json(tmp_path):
+    """Each field set to a value of its own (no default left), written, read back equal, under its own key."""
+    summary = a_summary()
+    assert all(getattr(summary, name) not in (None, {}) for name in Summary.fields())
+    records.write_summary(tmp_path, summary)
+    assert list(json.loads((tmp_path / records.SUMMARY_FILE).read_text())) == list(Summary.fields())
+    assert records.read_summary(tmp_path) == summary
+
+
 def test_the_summary_the_trainer_writes_round_trips_through_the_reports_reader(tmp_path):
     job = job_dir(tmp_path)
     summary = a_summary()
@@ -181,14 +193,26 @@ def test_a_summary_missing_a_field_is_an_error_naming_it_and_extra_keys_are_igno
         Summary.from_dict(d)
 
 
-def test_a_summary_written_before_the_later_fields_existed_reads_them_as_absent():
+def test_a_summary_written_before_the_later_fields_existed_reads_them_as_absent(tmp_path):
     """optimizer_flops and cpu_s came after study 003's runs: their summaries must still load (as None)."""
     d = a_summary().to_dict()
     for later in ("optimizer_flops", "cpu_s", "val"):
         del d[later]
-    s = Summary.from_dict(d)
-    assert (s.optimizer_flops, s.cpu_s, s.val) == (None, None, {})
-    assert s.val_loss == a_summary().val_loss
+    records.write_json(tmp_path / records.SUMMARY_FILE, d)
+    s = records.read_summary(tmp_path)
+    assert s is not None and (s.optimizer_flops, s.cpu_s, s.val) == (None, None, {})
+    assert s == dataclasses.replace(a_summary(), optimizer_flops=None, cpu_s=None, val={})
+    job = rp.Job(tmp_path, 0, [], rp.JobStatus.finished, summary=s)
+    assert (job.value("val/loss"), job.value("optimizer_flops"), job.value("cpu_s")) == (3.25, None, None)
+
+
+def test_a_field_chosen_by_name_is_checked_against_the_summary_naming_the_nearest():
+    assert Summary.check_field("optimizer_flops", numeric=True) == "optimizer_flops"
+    with pytest.raises(ValueError, match=r"'optimiser_flops' is no numeric summary field \(did you mean 'optimizer_"):
+        Summary.check_field("optimiser_flops", numeric=True)
+    with pytest.raises(ValueError, match=r"'run_name' is no numeric summary field"):
+        Summary.check_field("run_name", numeric=True)
+    assert set(Summary.numeric_fields()) == set(Summary.fields()) - {"run_name", "wandb_id", "val"}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -338,6 +338,23 @@ def test_tokens_to_reach_a_target_interpolates_between_evaluations():
         rp.Metric.parse("val/loss<=abc")
 
 
+def test_a_misspelt_metric_fails_with_one_error_naming_the_nearest_name_instead_of_a_column_of_dashes(tmp_path, capsys):
+    sweep = two_arm_sweep(tmp_path, {"a": [3.1, 3.2], "b": [3.0, 3.05]})
+    # a summary field: known without reading any job
+    with pytest.raises(rp.MetricError, match=r"metric 'wallclock': no such summary field .*did you mean 'wallclock_s'"):
+        rp.build_report(sweep, now=NOW, metrics=["wallclock"])
+    assert rp.main([str(sweep), "--no-plots", "--metric", "val_los"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("report: metric 'val_los'") and "did you mean 'val_loss'?" in err[0]
+    # a val/... key: checked against what the jobs recorded (curves and summaries)
+    with pytest.raises(rp.MetricError, match=r"no job records val/bpd .*did you mean 'val/bpb'.*jobs have: val/bpb"):
+        rp.build_report(sweep, now=NOW, metrics=["val/bpd<=3"])
+    # the numeric fields and the recorded keys are accepted and give every finished seed a value
+    r = rp.build_report(sweep, now=NOW, metrics=["wallclock_s", "cpu_s", "val/bpb"])
+    assert r.arm("a").stat("wallclock_s").values == (60.0, 62.0)  # write_job: 60 + job number
+    assert r.arm("a").stat("cpu_s").values == ()  # absent from these summaries: no value, not a typo
+
+
 def test_a_target_metric_compares_tokens_and_names_seeds_that_never_reached_it(tmp_path):
     # tokens per step 512; exact match at steps 5 and 10
     for seed in (1, 2, 3):

@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from scaletrain import report as rp
 from scaletrain import study as st
 from scaletrain.config import ConfigError, StudyArmConfig, StudyConfig, load_config
+from scaletrain.cost import step_flops
+from scaletrain.records import Summary
 
 from .conftest import REPO, compose_cfg, read_metrics, tiny_overrides
 
@@ -99,16 +101,24 @@ def test_dry_run_prints_every_phase_and_writes_nothing(tmp_path, capsys):
     assert "train.seed=1,2,3" in out[2] and not (tmp_path / "s").exists()
 
 
+def test_a_misspelt_selection_metric_is_refused_before_any_job_naming_the_nearest_field(tmp_path, capsys):
+    code = st.main(["experiment=muon_vs_adamw", "~local", "study.select=val_los", f"study.dir={tmp_path / 's'}"])
+    assert code == 2 and not (tmp_path / "s").exists()
+    assert "study error: metric 'val_los': no such summary field or metric (did you mean 'val_loss'?)" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("recipe", ["muon_vs_adamw", "dense_vs_moe"])
 def test_equal_flops_gives_each_arm_the_steps_of_the_reference_arms_flops(recipe, tmp_path, capsys):
     """study.match=flops: every arm but the first trains round(steps x F_first / F_arm) steps, F the model's
-    FLOPs over a step's tokens plus Muon's Newton-Schulz FLOPs (st.flops_per_step)."""
+    FLOPs over a step's tokens plus Muon's Newton-Schulz FLOPs (cost.step_flops)."""
     base = [f"experiment={recipe}", "~local"]
     cfg = load_config(compose_cfg(base))
     assert cfg.study is not None
     first, other = list(cfg.study.arms)
     per_step = {  # checked against the trainer's own records below
-        name: st.flops_per_step(load_config(compose_cfg([*base, *cfg.study.arms[name].overrides])))
+        name: step_flops(load_config(compose_cfg([*base, *cfg.study.arms[name].overrides]))).total
         for name in (first, other)
     }
     expected = round(cfg.train.max_steps * per_step[first] / per_step[other])
@@ -126,11 +136,11 @@ def test_flops_per_step_equals_what_the_trainer_recorded_for_study_002b():
     run's tokens, Newton-Schulz FLOPs) divided by its steps, per arm."""
     runs = json.loads((REPO / "experiments" / "002b_muon_vs_adamw" / "runs.json").read_text())
     for run in runs:
-        s = run["summary"]
-        recorded = (s["flops"] + (s["optimizer_flops"] or 0.0)) / s["step"]
+        s = Summary.from_dict(run["summary"])
+        recorded = (s.flops + (s.optimizer_flops or 0.0)) / s.step
         cfg = load_config(compose_cfg(["experiment=muon_vs_adamw", f"optim={run['arm']}"]))
         # integer-valued floats below 2**53 on both sides (FLOP counts of integer shapes): exact on any CPU
-        assert st.flops_per_step(cfg) == recorded, run["arm"]
+        assert step_flops(cfg).total == recorded, run["arm"]
 
 
 def test_a_study_begun_before_a_setting_existed_or_was_removed_continues(tmp_path):

@@ -37,8 +37,10 @@ from scaletrain.report.collect import (
     Job,
     JobStatus,
     Metric,
+    MetricError,
     Point,
     Stat,
+    check_metrics,
     collect_jobs,
     expected_overrides,
     find_latest_sweep,
@@ -67,7 +69,9 @@ __all__ = [
     "Report",
     "Stat",
     "TTest",
+    "MetricError",
     "build_report",
+    "check_metrics",
     "check_report",
     "collect_jobs",
     "compare",
@@ -161,10 +165,9 @@ def build_report(
             job.label = label_of(job)
     arms, axes = group_arms(jobs)
     chosen = _default_metrics(jobs)
-    for m in metrics or []:
-        metric = Metric.parse(m) if isinstance(m, str) else m
-        if metric not in chosen:
-            chosen.append(metric)
+    given = [Metric.parse(m) if isinstance(m, str) else m for m in metrics or []]
+    check_metrics(given, jobs)  # a misspelt name fails here, naming the nearest, rather than rendering '—'
+    chosen += [m for m in dict.fromkeys(given) if m not in chosen]
     chosen += _budget_metrics(arms, chosen)
     comps = [c for m in chosen for c in comparisons(arms, m, baseline)] if len(arms) > 1 else []
     experiment = None if from_results else sweep_experiment(sweep_dir, jobs)

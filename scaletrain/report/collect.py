@@ -28,6 +28,7 @@ import pickle
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -37,11 +38,24 @@ import yaml
 
 from scaletrain import records
 from scaletrain.compose import sweep_jobs
+from scaletrain.config import BadInput, suggest
 from scaletrain.records import RunState, Status, Summary
 
 SEED_KEYS = ("train.seed",)
-# Summary fields an arm reports (mean and std over finished seeds)
-SUMMARY_STATS = ("val_loss", "val_bpb", "tokens_seen", "flops", "wallclock_s", "params_total", "params_active")
+# Summary fields a metric may name (mean and std over finished seeds): every one that holds a number
+SUMMARY_STATS = Summary.numeric_fields()
+# Summary fields that are also the final value of a validation metric (older summaries have no `val` copy)
+_SUMMARY_OF_METRIC: dict[str, Callable[[Summary], float]] = {
+    records.VAL_LOSS: lambda s: s.val_loss,
+    records.VAL_BPB: lambda s: s.val_bpb,
+}
+
+
+class MetricError(BadInput, ValueError):
+    """A metric named (report --metric, study.select, study.metrics) that cannot be read: no summary field or record
+    holds it, or its target is not a number or points the way the metric gets worse."""
+
+    kind = "metric"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,6 +73,18 @@ class Metric:
     at: str | None = None  # "flops" | "seconds": the value on the curve at `budget` of that axis
     budget: float | None = None
 
+    def __post_init__(self) -> None:
+        """A key that is neither a numeric summary field nor a logged metric is a typo: one error naming the nearest
+        valid name, rather than a column of '—' (whether a val/... key exists is known only from the jobs:
+        `check_metrics`)."""
+        if self.key in SUMMARY_STATS or self.key.startswith("val/") or self.key == records.TRAIN_LOSS:
+            return
+        options = [*SUMMARY_STATS, *_SUMMARY_OF_METRIC]
+        raise MetricError(
+            f"metric {self.key!r}: no such summary field or metric{suggest(self.key, options)}; a metric is a "
+            f"numeric summary field ({', '.join(SUMMARY_STATS)}) or a val/... key as metrics.jsonl names it"
+        )
+
     @classmethod
     def parse(cls, text: str) -> Metric:
         """`val/loss`, `val_bpb`, `val/reasoning/exact_match>=0.3`, `val/loss<=3.5` (the comparison must point
@@ -69,11 +95,11 @@ class Metric:
                 try:
                     target = float(value)
                 except ValueError:
-                    raise ValueError(f"metric {text!r}: the target after {op} must be a number") from None
+                    raise MetricError(f"metric {text!r}: the target after {op} must be a number") from None
                 metric = cls(key.strip(), target)
                 if (op == ">=") != higher_is_better(metric.key):
                     good = ">=" if higher_is_better(metric.key) else "<="
-                    raise ValueError(f"metric {text!r}: {metric.key} improves the other way; write {metric.key}{good}")
+                    raise MetricError(f"metric {text!r}: {metric.key} improves the other way; write {metric.key}{good}")
                 return metric
         return cls(text.strip())
 
@@ -96,6 +122,21 @@ class Metric:
         if self.target is None:
             return self.key
         return f"{self.key}{'>=' if higher_is_better(self.key) else '<='}{self.target:g}"
+
+
+def check_metrics(metrics: list[Metric], jobs: list[Job]) -> None:
+    """MetricError for a metric whose key no job records, where some job has validation records to tell (a sweep
+    that has evaluated nothing yet cannot): a misspelt val/... key names the nearest one the jobs have."""
+    known = {k for j in jobs for k in j.curves}
+    known |= {k for j in jobs if j.summary is not None for k in (*j.summary.val, *_SUMMARY_OF_METRIC)}
+    if not any(k.startswith("val/") for k in known):
+        return
+    for m in metrics:
+        if m.key not in SUMMARY_STATS and m.key not in known:
+            have = sorted(k for k in known if k.startswith("val/"))
+            raise MetricError(
+                f"metric {m.text!r}: no job records {m.key}{suggest(m.key, have)}; the jobs have: {', '.join(have)}"
+            )
 
 
 def higher_is_better(key: str) -> bool:
@@ -198,9 +239,10 @@ class Job:
             return tokens_to_reach(self.curves.get(m.key, []), m.target, higher_is_better(m.key))
         if self.summary is None:
             return None
-        field_name = {records.VAL_LOSS: "val_loss", records.VAL_BPB: "val_bpb"}.get(m.key, m.key)
-        if field_name in Summary.fields() and field_name != "val":
-            value = getattr(self.summary, field_name)
+        if m.key in _SUMMARY_OF_METRIC:
+            value = _SUMMARY_OF_METRIC[m.key](self.summary)
+        elif m.key in SUMMARY_STATS:  # validated by Metric: a numeric field's name
+            value = getattr(self.summary, m.key)
         else:
             value = self.summary.val.get(m.key)
         return None if value is None else float(value)
@@ -538,6 +580,12 @@ class Arm:
     def stat(self, metric: Metric | str) -> Stat:
         """Over the finished seeds that have the metric (see `Metric`)."""
         return Stat(tuple(v for j in self.finished if (v := j.value(metric)) is not None))
+
+    def summary_stat(self, get: Callable[[Summary], float | None]) -> Stat:
+        """A summary field over the finished seeds that have it, read by attribute: `arm.summary_stat(lambda s:
+        s.flops)` (a misspelt field fails the type check, not silently)."""
+        values = (get(j.summary) for j in self.finished if j.summary is not None)
+        return Stat(tuple(float(v) for v in values if v is not None))
 
     def by_seed(self, metric: Metric | str) -> dict[str, float]:
         """Finished seeds -> the metric (seeds without it left out): what a paired test pairs on."""

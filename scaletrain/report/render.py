@@ -104,19 +104,21 @@ def arm_table(r: Report) -> str:
         "|" + "---|" * len(head),
     ]
     for a in r.arms:
-        cells = [a.label, f"{len(a.finished)}/{len(a.jobs)}", fmt_pm(a.stat("val_loss")), fmt_pm(a.stat("val_bpb"))]
+        s = a.summary_stat
+        cells = [a.label, f"{len(a.finished)}/{len(a.jobs)}"]
+        cells += [fmt_pm(s(lambda x: x.val_loss)), fmt_pm(s(lambda x: x.val_bpb))]
         cells += [_cell(r, a, m) for m in extra]
-        cells += [fmt_si(a.stat("tokens_seen").mean), fmt_si(a.stat("flops").mean)]
-        cells += [fmt_si(a.stat("optimizer_flops").mean), fmt_pm(a.stat("wallclock_s"), ".1f")]
-        cells += [fmt_pm(a.stat("cpu_s"), ".1f"), fmt_si(a.stat("params_total").mean)]
-        cells += [fmt_si(a.stat("params_active").mean)]
+        cells += [fmt_si(s(lambda x: x.tokens_seen).mean), fmt_si(s(lambda x: x.flops).mean)]
+        cells += [fmt_si(s(lambda x: x.optimizer_flops).mean), fmt_pm(s(lambda x: x.wallclock_s), ".1f")]
+        cells += [fmt_pm(s(lambda x: x.cpu_s), ".1f"), fmt_si(s(lambda x: x.params_total).mean)]
+        cells += [fmt_si(s(lambda x: x.params_active).mean)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
 def _budget_note(r: Report) -> str:
     """What the final values compare: equal tokens, or each arm at the end of its own budget."""
-    tokens = {a.stat("tokens_seen").mean for a in r.arms if a.finished}
+    tokens = {a.summary_stat(lambda s: s.tokens_seen).mean for a in r.arms if a.finished}
     readings = (
         "'at equal flops' (model + optimizer) and 'at equal seconds' (training time) read each seed's curve at the "
         "smallest total any seed spent"

@@ -58,15 +58,14 @@ def job_record(arm: Arm, job: Job) -> dict[str, Any]:
 
 def write_results(arms: list[Arm], out: Path) -> list[Path]:
     """runs.json, runs.csv and curves.csv of every job that has a directory (pending ones have nothing)."""
-    rows = [job_record(a, j) for a in arms for j in a.jobs if j.dir is not None]
+    jobs = [(a, j) for a in arms for j in a.jobs if j.dir is not None]
+    rows = [job_record(a, j) for a, j in jobs]
     records.atomic_write(out / RUNS_JSON, (json.dumps(rows, indent=1) + "\n").encode())
     flat = []
-    for r in rows:
-        summary = r["summary"] or {}
+    for r, (_, job) in zip(rows, jobs, strict=True):
         row = {k: v for k, v in r.items() if k not in ("summary", "overrides")}
         row["overrides"] = " ".join(r["overrides"])
-        row.update({k: v for k, v in summary.items() if k != "val"})
-        row.update(summary.get("val") or {})
+        row.update(job.summary.flat() if job.summary else {})
         flat.append(row)
     _write_csv(out / RUNS_CSV, flat)
     curve_rows = [

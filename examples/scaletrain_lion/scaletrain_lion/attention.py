@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from scaletrain.config import ModelConfig
 from scaletrain.model import Attention, RotaryEmbedding
 
@@ -54,11 +53,5 @@ class SlidingWindowAttention(Attention):
         T, S = q_BHTK.shape[2], k_BHTK.shape[2]  # queries, keys (both sequence positions: T in the legend)
         mask_TT = sliding_window_mask(T, S, start, self.window, q_BHTK.device)
         mask = mask_TT if allowed_B1TT is None else allowed_B1TT & mask_TT
-        return F.scaled_dot_product_attention(
-            q_BHTK,
-            k_BHTK,
-            v_BHTK,
-            attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,  # each key/value head serves n_heads / n_kv_heads queries
-        )
+        # the base class's SDPA call (dropout in training, grouped-query heads) under this mask instead of is_causal
+        return super().attend(q_BHTK, k_BHTK, v_BHTK, mask, start)
