@@ -68,7 +68,7 @@ def plugin_config_dirs() -> list[str]:
     importing the plugin, so Hydra's start stays cheap)."""
     dirs = []
     for name in plugin_modules():
-        spec = importlib.util.find_spec(name.split(".")[0]) if "." in name else importlib.util.find_spec(name)
+        spec = importlib.util.find_spec(name.split(".")[0])  # the top-level package: importing nothing
         if spec is None or not spec.submodule_search_locations:
             continue
         base = Path(next(iter(spec.submodule_search_locations)))
