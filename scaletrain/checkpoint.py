@@ -49,8 +49,10 @@ from scaletrain.records import (
     list_checkpoints,
 )
 
-CHECKSUMS = "checksums"  # key of the {tensor path: CRC-32} map inside every checkpoint file
+DIGEST = "digest"  # key of the {path: CRC-32} manifest of the whole state inside every checkpoint file
+CHECKSUMS = "checksums"  # its predecessor, tensors only: checkpoints written before 2026-12-07
 FILES = "files"  # key of the {file name: CRC-32} manifest of a sharded folder's other files, in its extra.pt
+ITEMS = "items"  # key of the {file@offset+length: CRC-32} manifest of a sharded folder's stored items (DCP's)
 
 log = logging.getLogger("scaletrain")
 
@@ -158,6 +160,35 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def check_writable(run_dir: Path) -> None:
+    """Rank 0 at the start of a run: the run folder and its checkpoints/ take files (a probe file is created and
+    removed in each), so a read-only or misplaced folder is found before training, not at the first save with the
+    steps since the start lost. NotWritable names the folder and the error. (A probe, not os.access: root passes
+    os.access on a read-only mount, and only a write shows a full or read-only file system.)"""
+    import tempfile
+
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    for folder in (Path(run_dir), ckpt_dir):
+        if folder == ckpt_dir and not ckpt_dir.exists():
+            continue  # created in the run folder, which takes files, at the first save
+        try:
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe.", suffix=".tmp"):
+                pass
+        except OSError as err:
+            raise NotWritable(
+                f"{folder}: cannot write there ({type(err).__name__}: {err.strerror or err}); checkpoints and records "
+                "go there: fix its permissions or run in another folder (hydra.run.dir=...)"
+            ) from None
+
+
+class NotWritable(BadInput, OSError):
+    """The run folder or its checkpoints/ cannot take files; the message names the folder and why."""
+
+    kind = "disk"
+
+
 def check_free_space(ckpt_dir: Path, step: int, need: int) -> None:
     """Fail with NoSpaceError before writing `need` bytes (plus 5% and 16 MiB for metadata and the file
     system) into `ckpt_dir` when the disk has less free; the previous checkpoints stay untouched. A save needs
@@ -173,9 +204,8 @@ def check_free_space(ckpt_dir: Path, step: int, need: int) -> None:
 
 
 def tensor_checksums(obj: Any, prefix: str = "") -> dict[str, int]:
-    """CRC-32 of every tensor's bytes in a nested state, by its path ("model.W_ue.weight"). Written by hand
-    because torch.save has no integrity check: a bit flip in tensor data loads silently. CRC-32 (zlib, ~GB/s)
-    is for corruption, not tampering; weights_only loading is the guard against malicious files."""
+    """CRC-32 of every tensor's bytes in a nested state, by its path ("model.W_ue.weight"): the manifest of
+    checkpoints written before `state_digest` (kept to verify them)."""
     if isinstance(obj, torch.Tensor):
         data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         return {prefix: zlib.crc32(data.data)}  # contiguous above, so its buffer is the tensor's bytes
@@ -186,9 +216,46 @@ def tensor_checksums(obj: Any, prefix: str = "") -> dict[str, int]:
     return out
 
 
+def _tensor_crc(t: torch.Tensor) -> int:
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return zlib.crc32(data.data, zlib.crc32(f"tensor:{t.dtype}:{tuple(t.shape)}".encode()))
+
+
+def state_digest(obj: Any, prefix: str = "") -> dict[str, int]:
+    """The manifest of a whole state: one CRC-32 per leaf and per container, by path ("model.W_ue.weight",
+    "step", "rng.python.1.5"). A tensor's covers its dtype, shape and bytes; any other leaf's its type and exact
+    value (repr: floats round-trip); a container's its type and its keys (with their types), so a changed,
+    added or dropped key, a list turned tuple, a step 40 turned 37, a shape [2, 8] turned [8, 2] all differ. So a
+    state that unpickles and matches its digest IS the saved state, whatever bytes of the file changed.
+
+    Written by hand because neither torch.save (no integrity check at all: a flipped bit loads silently) nor its
+    zip reader (which ignores the zip's own CRCs) verifies anything. CRC-32 detects every change of up to 32
+    consecutive bits in one leaf with certainty; it is for corruption, not tampering (weights_only loading and
+    the metadata allowlist guard against malicious files)."""
+    root = prefix or "<root>"
+    if isinstance(obj, torch.Tensor):
+        return {root: _tensor_crc(obj)}
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        out = {f"{root}/": zlib.crc32(f"dict:{[repr(k) for k in obj]}".encode())}
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+        out = {f"{root}/": zlib.crc32(f"{type(obj).__name__}:{len(obj)}".encode())}
+    else:
+        return {root: zlib.crc32(f"{type(obj).__name__}:{obj!r}".encode())}
+    for key, value in items:
+        out.update(state_digest(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def seal(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with its digest (`DIGEST`) inside: what every scaletrain checkpoint file holds."""
+    return {**state, DIGEST: state_digest(state)}
+
+
 def _save_verified(path: Path, state: dict[str, Any]) -> None:
-    """torch.save with the tensors' checksums inside, atomically."""
-    atomic_write(path, lambda f: torch.save({**state, CHECKSUMS: tensor_checksums(state)}, f))
+    """torch.save of the sealed state, atomically."""
+    atomic_write(path, lambda f: torch.save(seal(state), f))
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -254,17 +321,19 @@ def save_sharded_checkpoint(
     _barrier()
     try:
         with _single_process_is_intended(), _disk_full_is_named(ckpt_dir, step):
-            dcp_save(
+            metadata = dcp_save(
                 {"model": model_sd, "optimizer": optim_sd},
-                checkpoint_id=tmp,  # returns once all ranks wrote
+                checkpoint_id=tmp,  # returns once all ranks wrote, with the global metadata on every rank
                 no_dist=not torch.distributed.is_initialized(),
             )
+        items = _gather_dicts(item_checksums(tmp, metadata.storage_data, *_rank_and_world()))
     except BaseException:
         if is_main:
             _remove(tmp)
         raise
-    if is_main:  # every rank has written (dcp_save returned): the manifest covers all shards
-        _save_verified(tmp / SHARDED_EXTRA, {**extra, FILES: file_checksums(tmp)})
+    if is_main:  # every rank has written and checksummed its share: the manifest covers every item
+        files = {DCP_METADATA: _file_crc(tmp / DCP_METADATA)}
+        _save_verified(tmp / SHARDED_EXTRA, {**extra, FILES: files, ITEMS: items})
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that stopped right after saving)
             _remove(final)
@@ -288,10 +357,67 @@ def file_checksums(folder: Path) -> dict[str, int]:
     return out
 
 
-def _verify_files(path: Path, saved: Any) -> None:
+def _file_crc(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_dicts(mine: dict[str, int]) -> dict[str, int]:
+    """The union of every rank's dict, on every rank (small: one entry per stored item)."""
+    if not torch.distributed.is_initialized():
+        return mine
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def item_key(info: Any) -> str:
+    """A stored item's name in the manifest: its file, offset and length (DCP's `_StorageInfo`)."""
+    return f"{info.relative_path}@{info.offset}+{info.length}"
+
+
+def _read_crc(folder: Path, info: Any, handles: dict[str, Any]) -> int:
+    f = handles.get(info.relative_path)
+    if f is None:
+        f = handles[info.relative_path] = open(folder / info.relative_path, "rb")
+    f.seek(info.offset)
+    crc, left = 0, info.length
+    while left > 0 and (chunk := f.read(min(left, 1 << 24))):
+        crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    return crc if left == 0 else -1  # a short file: never the saved CRC
+
+
+def item_checksums(folder: Path, storage_data: Mapping[Any, Any], rank: int, world: int) -> dict[str, int]:
+    """CRC-32 of this rank's share of the stored items of a DCP folder: the files, sorted, dealt round-robin to
+    the ranks, so each rank reads back ~1/world of the checkpoint (DCP writes one file per rank, like-sized under
+    FSDP2), never the whole of it. By hand for the reason `state_digest` gives: DCP writes no checksums."""
+    infos = sorted({item_key(i): i for i in storage_data.values()}.items())
+    files = sorted({i.relative_path for _, i in infos})
+    mine = set(files[rank::world])
+    handles: dict[str, Any] = {}
+    try:
+        return {key: _read_crc(folder, info, handles) for key, info in infos if info.relative_path in mine}
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def _verify_files(path: Path, saved: Any, only_listed: bool = False) -> None:
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: no file checksums in its {SHARDED_EXTRA} (not a scaletrain sharded checkpoint)")
-    now = file_checksums(path)
+    if only_listed:
+        now = {name: _file_crc(path / name) for name in saved if (path / name).is_file()}
+    else:
+        now = file_checksums(path)
     missing = sorted(set(saved) - set(now))
     changed = sorted(name for name in saved if name in now and now[name] != saved[name])
     if missing or changed:
@@ -340,17 +466,94 @@ def _check_metadata(path: Path) -> None:
 
 
 def load_sharded_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The DCP part of a sharded checkpoint only: model and optimizer, resharded to the current layout.
-    Call `load_checkpoint(path)` first: it verifies every file against the manifest."""
+    """The DCP part of a sharded checkpoint: model and optimizer, resharded to the current layout. The folder's
+    extra.pt and `.metadata` are verified first (small); then each rank checks the bytes of exactly the items it
+    reads against the manifest, as it reads them: I/O for checksums ~ what the rank loads, not the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    _check_metadata(Path(path))
+    path = Path(path)
+    _, items = _sharded_manifest(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also creates the optimizer state to load into
     state = {"model": model_sd, "optimizer": optim_sd}
-    with _single_process_is_intended():
-        dcp_load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    try:
+        with _single_process_is_intended():
+            dcp_load(
+                state,
+                storage_reader=_verifying_reader(path, items),
+                no_dist=not torch.distributed.is_initialized(),
+            )
+    except CheckpointException as err:  # DCP gathers each rank's exception: name the first one
+        first = next(iter(err.failures.values()))
+        cause = first[0] if isinstance(first, tuple) else first
+        if isinstance(cause, CheckpointError):
+            raise CheckpointError(str(cause)) from None
+        raise CheckpointError(f"{path}: cannot be loaded: {type(cause).__name__}: {_first_line(cause)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _sharded_manifest(path: Path) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """(extra state, item manifest) of a sharded folder, after checking extra.pt (its digest), `.metadata` (CRC,
+    allowlist) and that every shard file is there; the shards' bytes are checked as each rank reads its items
+    (`load_sharded_state`). A folder from before 2026-12-07 has no item manifest: its files are checked whole."""
+    extra = load_checkpoint(path / SHARDED_EXTRA)
+    files, items = extra.pop(FILES, None), extra.pop(ITEMS, None)
+    if items is None:
+        _verify_files(path, files)
+    else:
+        _verify_files(path, files, only_listed=True)
+        absent = sorted({key.rsplit("@", 1)[0] for key in items} - {p.name for p in path.iterdir()})
+        if absent:
+            raise CheckpointError(f"{path}: damaged: {', '.join(absent)} missing")
+    _check_metadata(path)
+    return extra, items
+
+
+def _verifying_reader(path: Path, items: dict[str, int] | None) -> Any:
+    """DCP's FileSystemReader that first checks the CRC-32 of every item it is asked to read (`items`: the
+    manifest from extra.pt; None for a folder from before 2026-12-07, whose files were checked whole)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    class VerifyingReader(FileSystemReader):
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            if items is not None:
+                infos = {item_key(i): i for i in (self.storage_data[r.storage_index] for r in plan.items)}
+                handles: dict[str, Any] = {}
+                try:
+                    for key, info in sorted(infos.items()):
+                        if key not in items:
+                            raise CheckpointError(f"{path}: damaged: {key} is not in its manifest")
+                        if not (path / info.relative_path).is_file():
+                            raise CheckpointError(f"{path}: damaged: {info.relative_path} missing")
+                        if _read_crc(path, info, handles) != items[key]:
+                            end = info.offset + info.length
+                            raise CheckpointError(
+                                f"{path}: damaged: {info.relative_path} bytes {info.offset}..{end} changed since saved"
+                            )
+                finally:
+                    for f in handles.values():
+                        f.close()
+            return super().read_data(plan, planner)
+
+    return VerifyingReader(path)
+
+
+def verify_all_items(path: Path) -> None:
+    """Check every stored item of a sharded folder (what one process that reads it all, e.g. the converter, does)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    path = Path(path)
+    _, items = _sharded_manifest(path)
+    if items is None:
+        return  # an older folder: load_checkpoint checked its files whole
+    now = item_checksums(path, FileSystemReader(path).read_metadata().storage_data, 0, 1)
+    bad = sorted(k for k in items if now.get(k) != items[k]) + sorted(k for k in now if k not in items)
+    if bad:
+        files = sorted({key.rsplit("@", 1)[0] for key in bad})
+        raise CheckpointError(
+            f"{path}: damaged: {', '.join(files)} changed since it was saved ({len(bad)} stored item(s) differ)"
+        )
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -412,37 +615,72 @@ def check_compatible(path: Path, saved: dict[str, Any] | None, now: dict[str, An
 
 
 def saved_config(path: Path) -> dict[str, Any] | None:
-    """The config stored in a checkpoint (either format), read memory-mapped without verifying its tensors, so a
-    7B checkpoint is checked in a moment (the trainer verifies everything when it loads it)."""
-    file = Path(path) / SHARDED_EXTRA if is_sharded_checkpoint(path) else Path(path)
+    """The config stored in a checkpoint (either format), read memory-mapped without verifying it, so a 7B
+    checkpoint is checked in a moment (the trainer verifies everything when it loads it). A weights file
+    (model.pt: final weights, no optimizer or data position) is refused here: it cannot continue a training."""
+    path = Path(path)
+    file = path / SHARDED_EXTRA if is_sharded_checkpoint(path) else path
     expected = "train.resume expects a step_*.pt file or sharded step_* folder written by scaletrain"
+    if file.is_dir():
+        load_checkpoint(file)  # raises: names what the folder lacks
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    except Exception as err:
         raise CheckpointError(
-            f"{file}: not a readable checkpoint ({type(err).__name__}: {first}); {expected}"
+            f"{file}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)}); {expected}"
         ) from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{file}: not a scaletrain checkpoint (no training state in it); {expected}")
-    return state.get("config")
+    if "loader" not in state:
+        raise CheckpointError(
+            f"{file}: a weights file (model weights, step and config: no optimizer state or data position), not a "
+            f"training checkpoint; {expected}, e.g. <run>/{CKPT_DIR}/ or train.resume=auto in the run's folder"
+        )
+    config = state.get("config")
+    return config if isinstance(config, dict) else None
 
 
-def check_resumable(resume: str, run_dir: Path, now: dict[str, Any]) -> None:
+def check_resumable(resume: str, run_dir: Path, now: dict[str, Any], overwrite: bool = False) -> None:
     """`train.resume` before any data or model work: it must name checkpoints (ResumeNotFound naming the key
-    and what it accepts), and the newest must be readable and hold a config `now` can continue
-    (CheckpointIncompatible), as the trainer would find after minutes of setup. A damaged newest checkpoint
-    with older ones beside it passes: the trainer skips it with a warning and continues from an older one."""
+    and what it accepts), and the newest readable one must hold a config `now` can continue
+    (CheckpointIncompatible), as the trainer would find after minutes of setup. Each candidate that is not
+    readable is named in a warning and the next older one is tried (the trainer does the same, verifying every
+    byte). When there are candidates but none is readable, the run is refused (CheckpointError naming each and
+    why): a run never silently starts fresh over a run's checkpoints, unless `overwrite` (train.overwrite=true)
+    with resume=auto, which removes them and starts fresh, saying so."""
     candidates = resume_candidates(resume, run_dir)
-    if not candidates:
+    problems = []
+    for path in candidates:
+        try:
+            saved = saved_config(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log.warning("WARNING: skipping checkpoint %s: %s", path, err)
+            continue
+        check_compatible(path, saved, now)
         return
-    try:
-        saved = saved_config(candidates[0])
-    except CheckpointError:
-        if len(candidates) > 1:
-            return
-        raise
-    check_compatible(candidates[0], saved, now)
+    if not problems:
+        return
+    if overwrite and resume == "auto":
+        if distributed.detect_env().is_main:
+            for path in candidates:
+                _remove(path)
+        log.warning("train.overwrite=true: removed %d unusable checkpoint(s); starting fresh", len(candidates))
+        return
+    raise CheckpointError(
+        f"train.resume={resume}: no usable checkpoint, so the run would start fresh over them: "
+        + "; ".join(problems)
+        + ". Repair or remove them, point train.resume at a good one, or set train.overwrite=true to start over"
+    )
+
+
+def _checkpoint_like(folder: Path) -> list[Path]:
+    """Every entry of `folder` under a checkpoint name, complete or not, newest step first: what resume must
+    either use or name (an incomplete sharded folder is a candidate that fails, never silently skipped)."""
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_step(p.name), p.name, p) for p in folder.iterdir()]
+    return [p for step, _, p in sorted((f for f in found if f[0] is not None), reverse=True)]
 
 
 def remove_leftovers(ckpt_dir: Path) -> list[Path]:
@@ -463,14 +701,14 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
     if resume == "none":
         return []
     if resume == "auto":
-        return list_checkpoints(Path(run_dir) / CKPT_DIR)[::-1]
+        return _checkpoint_like(Path(run_dir) / CKPT_DIR)
     path = Path(resume).expanduser()
-    if path.is_file() or is_sharded_checkpoint(path):
+    if path.is_file() or (path.is_dir() and checkpoint_step(path.name) is not None):
         return [path]
     for folder in (path / CKPT_DIR, path):
-        ckpts = list_checkpoints(folder)
+        ckpts = _checkpoint_like(folder)
         if ckpts:
-            return ckpts[::-1]
+            return ckpts
     raise ResumeNotFound(
         f"train.resume={resume!r}: no checkpoint found; expected a step_*.pt file, a sharded step_* folder, "
         f"a run directory with {CKPT_DIR}/step_*, or 'auto' / 'none'"
@@ -480,47 +718,80 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A full checkpoint's state, or a sharded one's `extra` state (the shards are read by
     `load_sharded_state`). Unpickled with weights_only=True (tensors, containers and plain values only, so a
-    file cannot run code while it loads) and checked against the checksums saved in it; for a sharded folder
-    every shard and `.metadata` is also checked against the manifest in its extra.pt, and `.metadata` against
-    an allowlist of what it may unpickle. CheckpointError, naming the file and what is wrong, for a file that
-    is refused, unreadable (truncated, zeroed, a damaged zip directory) or damaged (bytes changed)."""
+    file cannot run code while it loads) and checked against the digest saved in it (`state_digest`: every
+    value, not only the tensors); for a sharded folder every shard and `.metadata` is also checked against the
+    manifest in its extra.pt, and `.metadata` against an allowlist of what it may unpickle. CheckpointError,
+    naming the file and what is wrong, for anything else: refused, unreadable (truncated, zeroed, a damaged zip
+    directory), damaged (bytes changed), or any exception the damage provokes on the way."""
+    path = Path(path)
     if is_sharded_checkpoint(path):
-        extra = load_checkpoint(Path(path) / SHARDED_EXTRA)
-        _verify_files(Path(path), extra.pop(FILES, None))
-        _check_metadata(Path(path))
-        return extra
-    if Path(path).is_dir():
+        return _sharded_manifest(path)[0]
+    if path.is_dir():
+        missing = [name for name in (DCP_METADATA, SHARDED_EXTRA) if not (path / name).is_file()]
         raise CheckpointError(
-            f"{path}: a folder without the {DCP_METADATA} and {SHARDED_EXTRA} of a sharded checkpoint"
+            f"{path}: an incomplete sharded checkpoint: no {' and no '.join(missing)} in it "
+            "(a save that did not finish, or files removed since)"
         )
     state = _unpickle(path)
-    saved = state.pop(CHECKSUMS, None) if isinstance(state, dict) else None
-    if saved is None:
-        raise CheckpointError(f"{path}: no checksums in it (written by an older scaletrain, or not a checkpoint)")
-    now = tensor_checksums(state)
-    bad = [key for key in saved if now.get(key) != saved[key]] + [key for key in now if key not in saved]
+    try:
+        return _verified(path, state)
+    except CheckpointError:
+        raise
+    except Exception as err:  # a damaged structure that unpickled: whatever it provokes is the file's fault
+        raise CheckpointError(f"{path}: damaged: {type(err).__name__}: {_first_line(err)}") from None
+
+
+def _verified(path: Path, state: Any) -> dict[str, Any]:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a scaletrain checkpoint (holds a {type(state).__name__}, not a state)")
+    if DIGEST in state:
+        saved = state.pop(DIGEST)
+        now = state_digest(state)
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: damaged: its digest is not a map")
+    elif CHECKSUMS in state:  # before 2026-12-07: only the tensors can be verified
+        saved = state.pop(CHECKSUMS)
+        now = tensor_checksums(state)
+        log.warning("%s: written before whole-state digests (2026-12-07): only its tensors are verified", path)
+    else:
+        raise CheckpointError(f"{path}: no digest in it (not a checkpoint written by scaletrain)")
+    bad = sorted({key for key in saved if now.get(key) != saved[key]} | {key for key in now if key not in saved})
     if bad:
         raise CheckpointError(
-            f"{path}: damaged: the bytes of {len(bad)} tensor(s) changed since it was saved "
+            f"{path}: damaged: {len(bad)} value(s) differ from the digest saved with them "
             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
         )
     return state
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _unpickle(path: Path) -> Any:
+    """torch.load(weights_only=True) -> the state, or CheckpointError saying what was found. Never passes on
+    torch's advice to retry with weights_only=False: that is what the refusal protects against."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln]
-        what = lines[0] if lines else type(err).__name__
+        found = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: it names Python objects beyond tensors and plain values ({found[0]}), so "
+                "loading it could run code; scaletrain reads checkpoints with torch.load(weights_only=True). "
+                "Checkpoints written before 2026-11-27 stored numpy RNG state that way and cannot be resumed"
+            ) from None
+        reason = [ln.strip() for ln in str(err).splitlines() if ln.strip().startswith(("Unsupported", "invalid"))]
         raise CheckpointError(
-            f"{path}: refused: loading it would need arbitrary unpickling ({what}). scaletrain reads checkpoints "
-            "with torch.load(weights_only=True), so a file cannot run code; checkpoints written before "
-            "2026-11-27 stored numpy RNG state that way and cannot be resumed"
+            f"{path}: unreadable: damaged or not a torch.save file ({reason[0] if reason else 'not a pickle'})"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:  # truncated / zeroed file, broken zip directory
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {first})") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (removed while the run was starting?)") from None
+    except Exception as err:  # truncated or zeroed file, broken zip directory, random bytes, I/O error
+        raise CheckpointError(
+            f"{path}: unreadable: damaged or not a torch.save file ({type(err).__name__}: {_first_line(err)})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -578,8 +849,22 @@ class Checkpointer:
         """Load checkpoint `path` (either format, verified) into every component -> the saved state (its
         top-level values: step, wandb_id, ...)."""
         state = load_checkpoint(path)
+        sharded = is_sharded_checkpoint(path)
+        missing = [k for k in [*([] if sharded else ["model", "optimizer"]), *self.statefuls, "step"] if k not in state]
+        if missing:
+            what = "a weights file, not a training checkpoint" if "loader" in missing else "not this trainer's state"
+            raise CheckpointError(f"{path}: {what}: no {', '.join(missing)} in it")
         for line in check_compatible(path, state.get("config"), self.config):
             log.info("resume: %s -> applied from here on", line)
+        try:
+            self._load(path, state, sharded)
+        except (CheckpointError, CheckpointIncompatible):
+            raise
+        except Exception as err:  # verified bytes that still do not fit: named, and resume=auto tries the next
+            raise CheckpointError(f"{path}: cannot be restored: {type(err).__name__}: {_first_line(err)}") from None
+        return state
+
+    def _load(self, path: Path, state: dict[str, Any], sharded: bool) -> None:
         loader = self.statefuls.get("loader")
         if loader is not None:  # a global position: any number of ranks continues it
             try:
@@ -587,7 +872,7 @@ class Checkpointer:
             except ValueError as err:
                 raise CheckpointIncompatible(f"cannot resume from {path}: {err}") from None
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        if is_sharded_checkpoint(path):  # each rank reads the shards it holds now (DCP reshards)
+        if sharded:  # each rank reads the shards it holds now (DCP reshards)
             load_sharded_state(path, self.model, self.optimizer)
         else:  # every rank read the file; FSDP2 ranks keep their shards
             distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
@@ -598,19 +883,20 @@ class Checkpointer:
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             apply_hyperparameters(self.optimizer, scheduler, fresh)
         self.progress.load_state_dict(state)
-        return state
 
     def restore_newest_good(self, candidates: list[Path]) -> dict[str, Any]:
         """Restore the newest checkpoint that loads and verifies; each damaged one is skipped with a warning
         naming it and why. Fails when none is usable."""
+        problems = []
         for path in candidates:
             try:
                 state = self.restore(path)
                 log.info("resumed from %s at step %d", path, state["step"])
                 return state
             except CheckpointError as err:
+                problems.append(str(err))
                 log.warning("WARNING: skipping checkpoint %s: %s", path, err)
-        raise CheckpointError(f"no usable checkpoint among {[str(p) for p in candidates]} (see the warnings)")
+        raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
 
 
 def apply_hyperparameters(

@@ -5,7 +5,7 @@
 The folder is verified first (every file against its manifest, `.metadata` against the allowlist); then DCP's
 `dcp_to_torch_save` gathers every shard into whole tensors, and the file is written as the full format is:
 model, optimizer (keyed by parameter name, as FSDP2 gathers it), and the folder's `extra.pt` (scheduler,
-loader position, RNG, step, config, ...), with the CRC-32 of every tensor, atomically. `load_checkpoint`
+loader position, RNG, step, config, ...), with its digest, atomically. `load_checkpoint`
 accepts it, and `train.resume=FILE` continues training from it on any number of ranks (one process included).
 It holds the whole model and optimizer state: the machine that converts needs that much memory and twice that
 much free disk (DCP's plain file, then the checksummed one). Not here: the formats themselves (`checkpoint.py`).
@@ -33,7 +33,8 @@ def convert(sharded: Path, out: Path) -> Path:
         raise ckpt.CheckpointError(f"{sharded}: not a sharded checkpoint folder (no .metadata and extra.pt in it)")
     if out.exists():
         raise FileExistsError(f"{out} exists: remove it first, or name another file")
-    extra = ckpt.load_checkpoint(sharded)  # verified: every shard, .metadata and extra.pt's tensors
+    extra = ckpt.load_checkpoint(sharded)  # verified: extra.pt's digest, .metadata, the shard files present
+    ckpt.verify_all_items(sharded)  # this process reads every item: it checks every one
     plain = out.parent / f".{out.name}.dcp.tmp"  # hidden, beside the result: the same disk
     try:
         with ckpt._single_process_is_intended():

@@ -9,11 +9,16 @@ What fails, and where:
 - an unknown key (`optim.lrr=1`) or a wrong type (`model.d_model=abc`) fails at compose time, naming the key;
   a key added with `+` (`+optim.lrr=1`, which Hydra itself suggests for unknown keys) fails in `load_config`,
   naming the key and the nearest valid one;
-- a value outside its range or a rule within one group fails in that schema's `__post_init__`;
-- rules spanning groups (moe.every <= model.n_layers, train.batch_size divisible by the cluster's ranks, ...) and
-  the one rule for every float (finite: no nan or inf anywhere) fail in `Config.__post_init__`.
-Every error is a `ConfigError` whose message starts with the full key. `unwritable(path)` is the check behind the
-folders a config names (hydra.run.dir in run.py's preflight, data.cache_dir in data.py).
+- a value invalid in itself fails by its field's `Rule` (a schema's `RULES`: sizes positive, probabilities in
+  [0, 1], ...; and each type's own: every float finite, every int within 64 bits, every seed within numpy's range,
+  no empty string, no path name longer than the system allows), checked by `check_values` first thing where each
+  group starts; no rule sizes a run against memory (that is the resource check's, before data preparation);
+- a rule relating values within one group fails in that schema's `__post_init__`, after those;
+- rules spanning groups (moe.every <= model.n_layers, train.batch_size divisible by the cluster's ranks, ...) fail in
+  `Config.__post_init__`.
+Every error is a `ConfigError` whose message starts with the full key (and quotes a long value shortened).
+`unwritable(path)` is the check behind the folders a config names (hydra.run.dir in run.py's preflight,
+data.cache_dir in data.py).
 
 Optimizers: `OptimConfig` holds what every optimizer has (lr, weight decay, schedule); each optimizer is a
 subclass (`AdamWConfig`, `MuonOptimConfig`) registered as `<name>_schema` in the `optim` group, so the
@@ -27,14 +32,16 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import string
 import tempfile
 import types
 import typing
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -70,9 +77,158 @@ def check_batch_split(batch_size: int, ranks: int, whose: str) -> None:
     )
 
 
-def _in_range(value: float, lo: float, hi: float, key: str, closed_hi: bool = False) -> None:
-    ok = lo <= value <= hi if closed_hi else lo <= value < hi
-    _check(ok, key, f"must be in [{lo}, {hi}{']' if closed_hi else ')'}, got {value}")
+# ---------------------------------------------------------------- what a value must be, in itself
+INT64_MAX = 2**63 - 1  # torch and numpy hold integers in 64 bits: a larger one overflows deep inside them
+SEED_MAX = 2**32 - 1  # numpy's seed range: the largest seed that every generator of a run accepts
+
+
+def _fs_limit(name: str, fallback: int) -> int:
+    try:
+        return os.pathconf("/", name)
+    except (OSError, ValueError, AttributeError):  # no such limit here (or no pathconf: Windows)
+        return fallback
+
+
+NAME_MAX = _fs_limit("PC_NAME_MAX", 255)  # bytes in one file or folder name
+PATH_MAX = _fs_limit("PC_PATH_MAX", 4096)  # bytes in a whole path, its final NUL included
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one field's value must be in itself, whatever the other fields say (rules relating fields stay in the
+    schema's `__post_init__`). A schema declares its rules in `RULES` (field name -> Rule; a subclass's add to its
+    base's), and `check_values` applies them, with each type's own rule for every value: a float is finite, an int
+    fits in 64 bits, a string is neither empty nor blank (unless `empty`), a field named `seed`, `*_seed` or `seeds`
+    is a seed (SEED). A list's or dict's rule is each item's; None passes where the type allows it. No rule here
+    sizes a run against memory: values that are valid but too large for a machine are the resource check's."""
+
+    lo: float | None = None  # the smallest value allowed (excluded when lo_open)
+    hi: float | None = None  # the largest value allowed (excluded when hi_open)
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""  # said after what is expected: what a value means ("(0 = off)"), or the forms accepted
+    empty: bool = False  # a string may be empty or blank
+    path: bool = False  # a file or folder: no name longer than NAME_MAX bytes, the whole shorter than PATH_MAX
+
+    def admits(self, value: float) -> bool:
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        return above and (self.hi is None or (value < self.hi if self.hi_open else value <= self.hi))
+
+    def bounds(self) -> str:
+        """'positive', '>= 1', 'in [0, 1)', or '' when the rule has no bound."""
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.lo_open else '['}{_num(lo)}, {_num(hi)}{')' if self.hi_open else ']'}"
+        if lo == 0 and self.lo_open:
+            return "positive"
+        if lo is not None:
+            return f">{'' if self.lo_open else '='} {_num(lo)}"
+        return f"<{'' if self.hi_open else '='} {_num(hi)}" if hi is not None else ""
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+POSITIVE = Rule(lo=0, lo_open=True)
+NON_NEGATIVE = Rule(lo=0)
+FRACTION = Rule(lo=0, hi=1, hi_open=True)  # a probability that must leave something: dropout, momentum, beta
+OFF_AT_0 = Rule(lo=0, note="(0 = off)")
+SEED = Rule(lo=0, hi=SEED_MAX, note="(numpy's seed range)")
+PATH = Rule(path=True)
+
+
+def _show(value: Any) -> str:
+    """A value as an error message quotes it: a long one shortened, with its length."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if len(text) <= 60:
+        return text
+    return f"{text[:40]}... ({len(value) if isinstance(value, str) else len(text)} characters)"
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why `path` cannot name a file or folder on this system whatever exists (None when it can): a name longer
+    than NAME_MAX bytes, or the whole longer than PATH_MAX. The system would say ENAMETOOLONG, at first use."""
+    raw = os.fsencode(str(path))
+    long = next((name for name in raw.split(b"/") if len(name) > NAME_MAX), None)
+    if long is not None:
+        name = _show(os.fsdecode(long))
+        return f"has a name of {len(long)} bytes, more than this system's limit of {NAME_MAX} (NAME_MAX): {name}"
+    if len(raw) >= PATH_MAX:
+        return f"is {len(raw)} bytes long, more than this system's limit of {PATH_MAX - 1} (PATH_MAX)"
+    return None
+
+
+def value_rule(cls: type, name: str) -> Rule:
+    """The rule of field `name` of schema `cls`: its RULES entry (a subclass's wins over its bases'), else SEED for
+    a seed (`seed`, `*_seed`, `seeds`), else the rule of no bounds (its type's own rule still applies)."""
+    declared = next((c.__dict__["RULES"][name] for c in cls.__mro__ if name in c.__dict__.get("RULES", {})), None)
+    seed = name == "seed" or name.endswith("_seed") or name == "seeds"
+    return declared or (SEED if seed else Rule())
+
+
+def _value_problem(value: Any, rule: Rule, optional: bool) -> str | None:
+    """What is wrong with one scalar value under `rule` (None: nothing)."""
+    if isinstance(value, bool | Enum):  # OmegaConf checked the type, or the option against the enum
+        return None
+    null = " or null" if optional else ""
+    note = f" {rule.note}" if rule.note else ""
+    if isinstance(value, float):
+        bounds = rule.bounds()
+        what = "a finite positive number" if bounds == "positive" else f"a finite number {bounds}".rstrip()
+        ok = math.isfinite(value) and rule.admits(value)
+        return None if ok else f"must be {what}{null}{note}, got {value}"
+    if isinstance(value, int):
+        if not rule.admits(value):
+            return f"must be {rule.bounds()}{null}{note}, got {_show(value)}"
+        ok = -INT64_MAX - 1 <= value <= INT64_MAX
+        return None if ok else f"must fit in a 64-bit integer (at most {INT64_MAX}){note}, got {_show(value)}"
+    if isinstance(value, str):
+        if not rule.empty and not value.strip():
+            if optional:
+                return f"empty; use null or a non-empty string{note}"
+            return f"empty; expected a non-empty string{note}, got {value!r}"
+        return path_problem(value) if rule.path else None
+    return None
+
+
+def _check_value(value: Any, tp: Any, rule: Rule, key: str) -> None:
+    if value is None:
+        return
+    if is_dataclass(value) and not isinstance(value, type):
+        check_values(value, f"{key}.")
+        return
+    item_tp = (typing.get_args(_unwrap_optional(tp)) or (Any,))[-1]
+    if isinstance(value, Mapping):
+        for k, item in value.items():
+            _check_value(item, item_tp, rule, f"{key}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_value(item, item_tp, rule, f"{key}[{i}]")
+    else:
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+        problem = _value_problem(value, rule, optional)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+
+
+_VALUE_TYPES: weakref.WeakKeyDictionary[type, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _value_types(cls: type) -> dict[str, Any]:
+    """`_field_types`, cached without keeping a schema alive (a class defined in a test or a notebook goes away)."""
+    if cls not in _VALUE_TYPES:
+        _VALUE_TYPES[cls] = _field_types.__wrapped__(cls)
+    return _VALUE_TYPES[cls]
+
+
+def check_values(obj: Any, prefix: str) -> None:
+    """Every value's own rule (`Rule`) under the schema object `obj`, whose key is `prefix` (`"model."`); nested
+    schemas, dicts and lists are walked. Raises a ConfigError naming the first key that breaks one. Each schema
+    that has rules relating its fields calls this first, so that those rules only ever see valid values."""
+    hints = _value_types(type(obj))
+    for f in fields(obj):
+        _check_value(getattr(obj, f.name), hints[f.name], value_rule(type(obj), f.name), f"{prefix}{f.name}")
 
 
 def suggest(word: str, options: list[str]) -> str:
@@ -243,7 +399,7 @@ class ComponentConfig:
         _check(
             self.name == own,
             f"{key}.name",
-            f"is {self.name!r} but the schema is {own!r}: pick an option with `{self.GROUP}=<name>` "
+            f"is {_show(self.name)} but the schema is {own!r}: pick an option with `{self.GROUP}=<name>` "
             f"(available: {', '.join(sorted(component_schemas(base)))}), not {key}.name",
         )
         resolve_target(self._target_, f"{key}._target_")
@@ -261,16 +417,16 @@ def resolve_target(path: str, key: str) -> Any:
 
     _check(path != MISSING, key, "is not set: the schema's _target_ must name the code that builds it")
     module_name, _, attr = path.rpartition(".")
-    _check(bool(module_name and attr), key, f"{path!r} is not a dotted path (module.attribute)")
+    _check(bool(module_name and attr), key, f"{_show(path)} is not a dotted path (module.attribute)")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ConfigError(f"{key}: cannot import module {module_name!r} of {path!r} ({err})") from None
+        raise ConfigError(f"{key}: cannot import module {_show(module_name)} of {_show(path)} ({err})") from None
     obj = getattr(module, attr, None)
     if obj is None:
         names = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(f"{key}: module {module_name!r} has no {attr!r}{suggest(attr, names)}")
-    _check(callable(obj), key, f"{path!r} is not callable")
+        raise ConfigError(f"{key}: module {module_name!r} has no {_show(attr)}{suggest(attr, names)}")
+    _check(callable(obj), key, f"{_show(path)} is not callable")
     return obj
 
 
@@ -313,6 +469,13 @@ class Activation(StrEnum):
 class ModelConfig:
     """The network (scaletrain/model.py); under `Config.model`, every field is identity unless it says otherwise."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        **dict.fromkeys(("d_model", "n_layers", "n_heads", "d_ff", "n_embed", "n_kv_heads"), POSITIVE),
+        **dict.fromkeys(("max_seq_len", "vocab_size", "norm_eps", "rope_theta", "init_std"), POSITIVE),
+        "dropout": FRACTION,
+        "attn_dropout": FRACTION,
+        "init_from_hf": PATH,
+    }
     name: str = hyperparameter(MISSING)  # a label: the shape is in the fields
     d_model: int = 512
     n_layers: int = 3
@@ -344,8 +507,7 @@ class ModelConfig:
     init_from_hf: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("d_model", "n_layers", "n_heads", "d_ff"):
-            _check(getattr(self, key) > 0, f"model.{key}", f"must be a positive integer, got {getattr(self, key)}")
+        check_values(self, "model.")
         D, H = self.d_model, self.n_heads
         _check(
             D % H == 0,
@@ -354,7 +516,6 @@ class ModelConfig:
             f"allowed n_heads: {[h for h in range(1, min(D, 64) + 1) if D % h == 0]}",
         )
         _check((D // H) % 2 == 0, "model.n_heads", f"head_dim={D // H} must be even for RoPE")
-        _check(self.n_embed is None or self.n_embed > 0, "model.n_embed", "must be positive or null")
         _check(
             self.embed_proj or self.n_embed in (None, D),
             "model.embed_proj",
@@ -362,24 +523,17 @@ class ModelConfig:
         )
         G = self.n_kv_heads or H
         _check(
-            G > 0 and H % G == 0,
+            H % G == 0,
             "model.n_kv_heads",
             f"must divide n_heads={H} (each key/value head serves n_heads/n_kv_heads query heads); "
-            f"allowed: {[g for g in range(1, H + 1) if H % g == 0]}",
+            f"allowed: {[g for g in range(1, min(H, 64) + 1) if H % g == 0]}",
         )
-        _check(self.max_seq_len is None or self.max_seq_len > 0, "model.max_seq_len", "must be positive or null")
-        _check(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive or null")
         if self.tie_embeddings:
             _check(
                 self.n_embed is None or self.n_embed == D,
                 "model.tie_embeddings",
                 f"tying needs n_embed == d_model (got n_embed={self.n_embed}, d_model={D})",
             )
-        _in_range(self.dropout, 0.0, 1.0, "model.dropout")
-        _in_range(self.attn_dropout, 0.0, 1.0, "model.attn_dropout")
-        _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
-        _check(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps/init_std", "must be positive")
-        _check(self.init_from_hf is None or bool(self.init_from_hf.strip()), "model.init_from_hf", "empty; use null")
 
 
 # ---------------------------------------------------------------- moe
@@ -403,6 +557,16 @@ class MoEImpl(StrEnum):
 class MoEConfig:
     """Mixture-of-Experts layer settings (scaletrain/moe.py). `n_experts: 0` (option `moe=none`) = dense MLPs."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "n_experts": Rule(lo=0, note="(0 = dense MLPs)"),
+        "top_k": NON_NEGATIVE,  # at least 1 when n_experts > 0 (below)
+        "every": Rule(lo=1),
+        "d_expert": Rule(lo=0, lo_open=True, note="(null = model.d_ff)"),
+        "n_shared": NON_NEGATIVE,
+        "capacity_factor": Rule(lo=0, lo_open=True, note="(null = dropless)"),
+        **dict.fromkeys(("aux_loss_coef", "z_loss_coef", "bias_update_rate"), NON_NEGATIVE),
+        "router_jitter": FRACTION,
+    }
     name: str = hyperparameter("none")  # a label: the shape is in the fields
     n_experts: int = 0  # routed experts; 0 = dense MLP in every layer
     top_k: int = 0  # routed experts per token
@@ -429,7 +593,7 @@ class MoEConfig:
     impl: MoEImpl = hyperparameter(MoEImpl.auto)  # how, not what: grouped and loop compute the same layer
 
     def __post_init__(self) -> None:
-        _check(self.n_experts >= 0, "moe.n_experts", f"must be >= 0 (0 = dense MLPs), got {self.n_experts}")
+        check_values(self, "moe.")
         if self.n_experts == 0:  # dense (moe=none) ignores the other MoE knobs
             return
         _check(
@@ -437,17 +601,6 @@ class MoEConfig:
             "moe.top_k",
             f"must be in [1, n_experts={self.n_experts}], got {self.top_k}",
         )
-        _check(self.every >= 1, "moe.every", f"must be >= 1, got {self.every}")
-        _check(self.d_expert is None or self.d_expert > 0, "moe.d_expert", "must be positive or null (= model.d_ff)")
-        _check(self.n_shared >= 0, "moe.n_shared", f"must be >= 0, got {self.n_shared}")
-        _check(
-            self.capacity_factor is None or self.capacity_factor > 0,
-            "moe.capacity_factor",
-            f"must be positive or null (dropless), got {self.capacity_factor}",
-        )
-        for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            _check(getattr(self, key) >= 0, f"moe.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _in_range(self.router_jitter, 0.0, 1.0, "moe.router_jitter")
 
 
 # ---------------------------------------------------------------- optim
@@ -478,19 +631,18 @@ class NSDtype(StrEnum):
 
 @dataclass
 class ScheduleConfig:
+    """optim.schedule. Its values' rules are checked by the optimizer's schema (a node's rules are checked where
+    the group starts: `check_values` walks the group in key order, so an error names the first bad key typed)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "warmup_steps": NON_NEGATIVE,
+        "min_lr_ratio": Rule(lo=0, hi=1),
+        "decay_frac": Rule(lo=0, hi=1, lo_open=True),
+    }
     warmup_steps: int = 100
     decay: Decay = Decay.cosine
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     decay_frac: float = 0.2  # wsd only: fraction of steps spent in the final decay
-
-    def __post_init__(self) -> None:
-        _check(self.warmup_steps >= 0, "optim.schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _in_range(self.min_lr_ratio, 0.0, 1.0, "optim.schedule.min_lr_ratio", closed_hi=True)
-        _check(0.0 < self.decay_frac <= 1.0, "optim.schedule.decay_frac", f"must be in (0, 1], got {self.decay_frac}")
-
-
-def _check_lr(lr: float, key: str) -> None:
-    _check(math.isfinite(lr) and lr > 0, key, f"must be a finite positive number, got {lr}")
 
 
 @dataclass
@@ -500,20 +652,21 @@ class OptimConfig(ComponentConfig):
     (one LambdaLR over every parameter group) is applied by the trainer to whatever it returns."""
 
     GROUP: ClassVar[str] = "optim"
+    RULES: ClassVar[dict[str, Rule]] = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE}
     lr: float = 1e-3
     weight_decay: float = 0.1
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
+        check_values(self, "optim.")  # a subclass's fields too (its RULES add to these)
         super().__post_init__()
-        _check_lr(self.lr, "optim.lr")
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
 class AdamWConfig(OptimConfig):
     """torch AdamW on decay / no-decay groups (optim.py)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"betas": FRACTION, "eps": POSITIVE}
     name: str = "adamw"
     _target_: str = "scaletrain.optim.build_adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -522,18 +675,20 @@ class AdamWConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "optim.betas",
-            f"expected [beta1, beta2] in [0, 1), got {list(self.betas)}",
-        )
-        _check(self.eps > 0, "optim.eps", "must be positive")
+        _check(len(self.betas) == 2, "optim.betas", f"expected [beta1, beta2] in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
 class MuonConfig:
     """The Muon part of optim=muon (hidden matrices, stacked experts); see scaletrain/muon.py."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "momentum": FRACTION,
+        "ns_steps": Rule(lo=1, hi=99),
+        "eps": POSITIVE,
+    }
     lr: float = 1e-3
     weight_decay: float = 0.1  # decoupled: p *= 1 - lr * weight_decay (unadjusted lr, as torch.optim.Muon)
     momentum: float = 0.95
@@ -544,13 +699,8 @@ class MuonConfig:
     adjust_lr: MuonAdjustLR = MuonAdjustLR.match_rms_adamw
     ns_dtype: NSDtype = NSDtype.auto
 
-    def __post_init__(self) -> None:
-        _check_lr(self.lr, "optim.muon.lr")
-        _check(self.weight_decay >= 0, "optim.muon.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _in_range(self.momentum, 0.0, 1.0, "optim.muon.momentum")
-        _check(1 <= self.ns_steps < 100, "optim.muon.ns_steps", f"must be in [1, 99], got {self.ns_steps}")
+    def __post_init__(self) -> None:  # each value's own rule: OptimConfig's, which walks `optim` in key order
         _check(len(self.ns_coefficients) == 3, "optim.muon.ns_coefficients", "expected [a, b, c] (quintic NS)")
-        _check(self.eps > 0, "optim.muon.eps", "must be positive")
 
 
 @dataclass
@@ -595,18 +745,17 @@ GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|
 
 @dataclass
 class TokenizerConfig:
+    """data.tokenizer (its values' rules are checked by DataConfig's `check_values`)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "vocab_size": Rule(lo=260, note="(256 bytes + specials)"),
+        "gpt2_dir": PATH,
+        "max_train_bytes": POSITIVE,
+    }
     kind: TokenizerKind = TokenizerKind.bpe
     vocab_size: int = 4096  # bpe only
     gpt2_dir: str = "${oc.env:SCALETRAIN_SHARED,../shared}/data/gpt2_tokenizer"  # gpt2 only
     max_train_bytes: int = 200_000_000  # bpe: train on at most this much text (deterministic prefix)
-
-    def __post_init__(self) -> None:
-        _check(
-            self.vocab_size >= 260,
-            "data.tokenizer.vocab_size",
-            f"must be >= 260 (256 bytes + specials), got {self.vocab_size}",
-        )
-        _check(self.max_train_bytes > 0, "data.tokenizer.max_train_bytes", "must be positive")
 
 
 class SourceKind(StrEnum):
@@ -648,6 +797,7 @@ class DeductionKnobs:
 
 @dataclass
 class SyntheticConfig:
+    RULES: ClassVar[dict[str, Rule]] = {"n_train": POSITIVE, "n_val": POSITIVE}  # seed: a seed, as every seed
     kinds: list[str] = field(default_factory=lambda: ["arithmetic", "comparison", "boolean", "deduction"])
     arithmetic: ArithmeticKnobs = field(default_factory=ArithmeticKnobs)
     comparison: ComparisonKnobs = field(default_factory=ComparisonKnobs)
@@ -667,6 +817,7 @@ class SyntheticConfig:
 class SourceConfig:
     """One source of documents (a data config has one, or several mixed by weight)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"weight": NON_NEGATIVE, "path": PATH}
     kind: SourceKind = SourceKind.text
     weight: float = 1.0  # share of training sequences drawn from this source (normalized over the sources)
     hub_id: str | None = None  # Hugging Face dataset, used when `path` is null
@@ -688,10 +839,15 @@ class SourceConfig:
 
     def check(self, key: str) -> None:
         """The source's rules, errors naming `key` (data.sources.<name>)."""
-        _check(math.isfinite(self.weight) and self.weight >= 0, f"{key}.weight", f"must be >= 0, got {self.weight}")
+        check_values(self, f"{key}.")
         if self.kind == SourceKind.gsm8k:
             for name in ("template", "prompt_template"):
-                used = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name) or GSM8K_TEMPLATE) if f}
+                try:
+                    used = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name) or GSM8K_TEMPLATE) if f}
+                except ValueError as err:  # "Single '}' encountered in format string"
+                    raise ConfigError(
+                        f"{key}.{name}: not a format string ({err}); write {{{{ and }}}} for braces"
+                    ) from None
                 unknown = sorted(used - set(GSM8K_FIELDS))
                 _check(
                     not unknown,
@@ -704,17 +860,17 @@ class SourceConfig:
 
             s = self.synthetic
             _check(bool(s.kinds), f"{key}.synthetic.kinds", "must name at least one kind")
-            _check(s.n_train > 0 and s.n_val > 0, f"{key}.synthetic", "n_train and n_val must be positive")
             for kind in s.kinds:
                 _check(
                     kind in synthetic.KINDS,
                     f"{key}.synthetic.kinds",
-                    f"unknown kind {kind!r}{suggest(kind, list(synthetic.KINDS))}; kinds: {', '.join(synthetic.KINDS)}",
+                    f"unknown kind {_show(kind)}{suggest(kind, list(synthetic.KINDS))}; "
+                    f"kinds: {', '.join(synthetic.KINDS)}",
                 )
                 try:
                     synthetic.resolve_difficulty(kind, s.difficulty(kind))
                 except ValueError as err:
-                    raise ConfigError(f"{key}.synthetic.{kind}: {err}") from None
+                    raise ConfigError(f"{key}.synthetic.{err}") from None  # err: "<kind>.<knob>=<value>: ..."
         if self.kind != SourceKind.synthetic:
             _check(
                 self.path is not None or self.hub_id is not None,
@@ -725,6 +881,14 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    RULES: ClassVar[dict[str, Rule]] = {
+        "path": PATH,
+        "seq_len": POSITIVE,
+        "cache_dir": PATH,
+        "num_proc": Rule(lo=1),
+        "hub_timeout_s": POSITIVE,
+        "max_val_tokens": Rule(lo=0, lo_open=True, note="(null = the whole split)"),
+    }
     name: str = "tinystories"
     # name -> source; the name keys the per-source metrics (val/<name>/loss, ...). Set by each data/*.yaml.
     # identity: what the training text is, and each source's share (the data order)
@@ -738,12 +902,7 @@ class DataConfig:
     max_val_tokens: int | None = None  # cap each source's validation split (None = whole split)
 
     def __post_init__(self) -> None:
-        _check(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
-        _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
-        _check(
-            self.max_val_tokens is None or self.max_val_tokens > 0, "data.max_val_tokens", "must be positive or null"
-        )
-        _check(self.hub_timeout_s > 0, "data.hub_timeout_s", f"must be positive, got {self.hub_timeout_s}")
+        check_values(self, "data.")
         # an empty `sources` is the schema's default (each data/*.yaml sets its own); Config requires one
         if self.path is not None and self.sources:
             _check(
@@ -799,6 +958,17 @@ RESUME_KEYWORDS = ("none", "auto")  # train.resume: none | auto | a checkpoint f
 
 @dataclass
 class TrainConfig:
+    RULES: ClassVar[dict[str, Rule]] = {
+        **dict.fromkeys(("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"), POSITIVE),
+        **dict.fromkeys(("eval_answer_tokens", "dry_run_gpus", "dry_run_gpu_mem_gb", "matmul_peak_tflops"), POSITIVE),
+        **dict.fromkeys(("eval_every", "ckpt_every", "sample_count", "eval_problems", "sample_tokens"), OFF_AT_0),
+        "ckpt_keep": Rule(lo=0, note="(0 = keep all)"),
+        "sample_top_k": Rule(lo=0, note="(0 = every token)"),
+        "max_nonfinite": Rule(lo=0, note="(0 = no guard)"),
+        "grad_clip": Rule(lo=0, note="(0 disables clipping)"),
+        "sample_temperature": Rule(lo=0, note="(0 = greedy)"),
+        "resume": Rule(path=True, note="(none | auto | PATH)"),
+    }
     name: str = "default"
     seed: int = identity(1337)  # the data order (and the initial weights)
     max_steps: int = 2000
@@ -842,45 +1012,19 @@ class TrainConfig:
     max_nonfinite: int = 5
 
     def __post_init__(self) -> None:
-        for key in (
-            "max_steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "eval_batches",
-            "eval_answer_tokens",
-            "dry_run_gpus",
-        ):
-            _check(getattr(self, key) > 0, f"train.{key}", f"must be positive, got {getattr(self, key)}")
-        for key in (
-            "eval_every",
-            "ckpt_every",
-            "ckpt_keep",
-            "sample_count",
-            "eval_problems",
-            "sample_tokens",
-            "sample_top_k",
-            "max_nonfinite",
-        ):
-            _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0 (0 = off), got {getattr(self, key)}")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        check_values(self, "train.")
         dev = self.device
         _check(
             dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
             "train.device",
-            f"expected auto | cpu | cuda | cuda:N | mps, got {dev!r}" + suggest(dev, ["auto", "cpu", "cuda", "mps"]),
+            f"expected auto | cpu | cuda | cuda:N | mps, got {_show(dev)}"
+            + suggest(dev, ["auto", "cpu", "cuda", "mps"]),
         )
-        _check(self.resume.strip() != "", "train.resume", "expected none | auto | PATH, got an empty string")
         modes = [m.value for m in ActivationCheckpointing]
         _check(
             self.ac in modes,  # OmegaConf checks this at compose time; a TrainConfig built in Python is checked here
             "train.ac",
             f"expected {' | '.join(modes)}, got {self.ac!r}" + suggest(str(self.ac), modes),
-        )
-        _check(
-            self.matmul_peak_tflops is None or self.matmul_peak_tflops > 0,
-            "train.matmul_peak_tflops",
-            "must be positive or null",
         )
 
 
@@ -893,6 +1037,7 @@ class WandbMode(StrEnum):
 
 @dataclass
 class WandbConfig:
+    RULES: ClassVar[dict[str, Rule]] = {"dir": PATH}
     mode: WandbMode = WandbMode.offline
     project: str = "scaletrain"
     entity: str | None = None
@@ -915,6 +1060,16 @@ class ClusterConfig:
     (`hydra.launcher`: submitit_local or submitit_slurm) reads these by interpolation, and only under
     `-m`; the trainer reads the rank/requeue fields. One rank per GPU: tasks_per_node = gpus_per_node."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        **dict.fromkeys(("nodes", "timeout_min", "array_parallelism"), Rule(lo=1)),
+        "tasks_per_node": Rule(lo=1, note="(ranks per node)"),
+        **dict.fromkeys(("gpus_per_node", "max_requeues", "signal_delay_s"), NON_NEGATIVE),
+        "cpus_per_task": Rule(lo=1, note="(null = the scheduler's default)"),
+        "mem_gb": Rule(lo=1, note="(null = the scheduler's default)"),
+        "parallel_jobs": Rule(lo=1, note="(null = auto)"),
+        "additional_parameters": Rule(empty=True),  # a flag without a value: {exclusive: ""}
+        "setup": Rule(empty=True),  # shell lines: an empty one is harmless
+    }
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0  # GPUs of each node per job (local: per job); every GPU is a rank
@@ -934,12 +1089,8 @@ class ClusterConfig:
     parallel_jobs: int | None = None  # local only: jobs at once; None = all GPUs busy (CPU: 1)
 
     def __post_init__(self) -> None:
+        check_values(self, "cluster.")
         c = self
-        _check(c.nodes >= 1, "cluster.nodes", f"must be >= 1, got {c.nodes}")
-        _check(c.gpus_per_node >= 0, "cluster.gpus_per_node", f"must be >= 0, got {c.gpus_per_node}")
-        _check(
-            c.tasks_per_node >= 1, "cluster.tasks_per_node", f"must be >= 1 (ranks per node), got {c.tasks_per_node}"
-        )
         _check(
             c.gpus_per_node == 0 or c.tasks_per_node == c.gpus_per_node,
             "cluster.tasks_per_node",
@@ -948,9 +1099,6 @@ class ClusterConfig:
         _check(
             c.nodes == 1 or c.name != "local", "cluster.nodes", "cluster=local runs on this machine: nodes must be 1"
         )
-        _check(c.timeout_min >= 1, "cluster.timeout_min", f"must be >= 1, got {c.timeout_min}")
-        _check(c.max_requeues >= 0 and c.signal_delay_s >= 0, "cluster.max_requeues/signal_delay_s", "must be >= 0")
-        _check(c.parallel_jobs is None or c.parallel_jobs >= 1, "cluster.parallel_jobs", "must be >= 1 or null (auto)")
 
 
 # ---------------------------------------------------------------- study (python -m scaletrain.study)
@@ -966,6 +1114,7 @@ class StudyMatch(StrEnum):
 class StudyArmConfig:
     """One arm of a study: the overrides that make it, and optionally the key tuned on the study's grid."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"grid": POSITIVE}
     overrides: list[str] = field(default_factory=list)  # e.g. [optim=muon]
     tune: str | None = None  # the swept key, e.g. optim.lr or optim.muon.lr; null: not tuned
     grid: list[float] = field(default_factory=list)  # values of `tune` (widened past a winning edge)
@@ -978,6 +1127,13 @@ class StudyConfig:
     seed), then every arm at its tuned values on the paired `seeds`, then the report. Arms see the same tokens
     (same steps, batch and sequence length) in the same order for a seed; FLOPs and time are accounted."""
 
+    RULES: ClassVar[dict[str, Rule]] = {  # tune_seed and seeds: seeds, as every seed
+        "max_widen": NON_NEGATIVE,
+        "min_grid": NON_NEGATIVE,
+        "max_spacing": Rule(lo=1, lo_open=True),
+        "dir": PATH,
+        "pace_steps": Rule(lo=5, note="(a median over steps)"),
+    }
     arms: dict[str, StudyArmConfig] = field(default_factory=dict)
     tune_seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -992,6 +1148,7 @@ class StudyConfig:
     pace_steps: int = 30  # match=time: steps of each arm's pace run (seconds per step: the median after the first)
 
     def __post_init__(self) -> None:
+        check_values(self, "study.")
         _check(bool(self.arms) and len(self.arms) >= 2, "study.arms", "a study needs at least 2 arms")
         _check(
             self.tune_seed not in self.seeds,
@@ -1004,13 +1161,11 @@ class StudyConfig:
             "study.seeds",
             f"needs at least 2 distinct seeds, got {self.seeds}",
         )
-        _check(self.max_spacing > 1.0, "study.max_spacing", f"must be > 1, got {self.max_spacing}")
         _check(
             self.reference is None or self.reference in self.arms,
             "study.reference",
-            f"names arm {self.reference!r}; expected one of {sorted(self.arms)}",
+            f"names arm {_show(self.reference)}; expected one of {sorted(self.arms)}",
         )
-        _check(self.pace_steps >= 5, "study.pace_steps", f"must be >= 5 (a median over steps), got {self.pace_steps}")
         for name, arm in self.arms.items():
             key = f"study.arms.{name}"
             budget = [o for o in arm.overrides if o.partition("=")[0].lstrip("+~") == "train.max_steps"]
@@ -1040,12 +1195,12 @@ class StudyConfig:
                 _check(
                     source in self.arms and source != name,
                     f"{key}.inherit.{inherited}",
-                    f"names arm {source!r}; expected another arm of {sorted(self.arms)}",
+                    f"names arm {_show(source)}; expected another arm of {sorted(self.arms)}",
                 )
                 _check(
                     self.arms[source].tune == inherited,
                     f"{key}.inherit.{inherited}",
-                    f"arm {source!r} does not tune {inherited} (it tunes {self.arms[source].tune})",
+                    f"arm {source!r} does not tune {inherited} (it tunes {_show(self.arms[source].tune)})",
                 )
 
 
@@ -1065,7 +1220,9 @@ class Config:
     study: StudyConfig | None = hyperparameter(None)  # set by study recipes (python -m scaletrain.study)
 
     def __post_init__(self) -> None:
-        """Rules spanning groups (each group's own rules ran in its __post_init__)."""
+        """Rules spanning groups (each group's own rules ran in its __post_init__), after every value's own rule
+        (`check_values`: the groups without rules of their own, logging and experiment, are checked here)."""
+        check_values(self, "")
         _check(bool(self.data.sources), "data.sources", "no source; expected at least one (see conf/data/*.yaml)")
         _check(
             self.model.max_seq_len is None or self.data.seq_len <= self.model.max_seq_len,
@@ -1073,10 +1230,6 @@ class Config:
             f"{self.data.seq_len} is longer than the model's context model.max_seq_len={self.model.max_seq_len}; "
             "train on windows of at most that length (or raise model.max_seq_len)",
         )
-        # a group's range checks let inf through where only a lower bound matters (weight_decay=inf, init_std=inf)
-        # and some let nan through; no setting means anything useful when it is not finite
-        for key, value in _floats(self, ""):
-            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
         c = self.cluster
         whose = f"cluster.nodes={c.nodes} x cluster.tasks_per_node={c.tasks_per_node}"
         check_batch_split(self.train.batch_size, c.nodes * c.tasks_per_node, whose)
@@ -1094,17 +1247,6 @@ class Config:
                 "moe.every",
                 f"must be in [1, model.n_layers={self.model.n_layers}], got {self.moe.every}",
             )
-
-
-def _floats(obj: Any, path: str) -> list[tuple[str, float]]:
-    """(full key, value) of every float in a config object, lists included (`optim.betas[1]`)."""
-    if isinstance(obj, float):
-        return [(path, obj)]
-    if isinstance(obj, list):
-        return [kv for i, item in enumerate(obj) for kv in _floats(item, f"{path}[{i}]")]
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return [kv for f in fields(obj) for kv in _floats(getattr(obj, f.name), f"{path}.{f.name}".lstrip("."))]
-    return []
 
 
 def _extension_node(cls: type, parent: type) -> DictConfig:
@@ -1197,7 +1339,13 @@ def unwritable(path: str | Path) -> str | None:
     behind: the folder itself when it exists, else the nearest existing folder above it, must take a new
     entry. Run before the work that would fail there later (hydra.run.dir, data.cache_dir)."""
     path = Path(path).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    too_long = path_problem(path)
+    if too_long:
+        return f"the path {too_long}"
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as err:  # a folder above it that cannot be searched (EACCES), a loop of links (ELOOP), ...
+        return f"cannot check {err.filename or path} ({err.strerror})"
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from scaletrain.config import BadInput
 
 # submitit's LocalExecutor restarts the tasks of a job that exits with this code (its "requeue")
 SUBMITIT_LOCAL_REQUEUE_CODE = 144
@@ -140,6 +144,36 @@ def in_cluster_job() -> bool:
     return "SLURM_JOB_ID" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
 
 
+# torchrun's agent starts each worker as its child (torch.distributed.elastic: subprocess.Popen), so the parent a
+# worker sees when it imports this module is its agent. An agent killed without a chance to stop its workers
+# (SIGKILL, OOM killer) leaves them re-parented (to init or a subreaper): `check_supervised` sees the change.
+TORCHRUN_AGENT_PID = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+
+class AgentGone(BadInput, RuntimeError):
+    """The torchrun agent of this worker died. Not a bug, so BadInput's one line (exit 2) rather than a traceback of
+    the loop: like a lost device, the environment failed and the message says what to do."""
+
+    kind = "launcher"
+
+
+def check_supervised(env: DistEnv) -> None:
+    """Under torchrun, AgentGone when the agent that started this worker is gone: an orphaned worker would train on
+    unsupervised (no restart, no one collecting its exit), holding the run folder and its GPU. One getppid()
+    system call: cheap enough for every step. Other launchers: nothing to check (SLURM's step and submitit's job
+    end their tasks themselves). A worker started through a wrapper (torchrun --no-python bash -c ...) watches the
+    wrapper, not the agent."""
+    if env.launcher != "torchrun" or TORCHRUN_AGENT_PID is None:
+        return
+    parent = os.getppid()
+    if parent != TORCHRUN_AGENT_PID:
+        raise AgentGone(
+            f"rank {env.rank}: the torchrun agent that started this worker (pid {TORCHRUN_AGENT_PID}) is gone (the "
+            f"parent is now pid {parent}); stopping instead of training unsupervised: relaunch the job with "
+            "train.resume=auto to continue from its last checkpoint"
+        )
+
+
 _SLOT_LOCKS: list[Any] = []  # open lock files, held until the process exits
 
 
@@ -213,6 +247,28 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
 def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# How long `teardown` lets gloo's worker threads run before the process group is destroyed (see there).
+TEARDOWN_GRACE_S = 0.25
+
+
+def teardown() -> None:
+    """End the process group after every rank finished its run; call it once the trainer (and DDP's reducer,
+    which holds the group) is freed. Only on success: a rank that failed may leave peers inside a collective,
+    and destroying the group then deadlocks (torchtitan#1342); such a process just exits.
+
+    Why the barrier and the grace: gloo's destructor joins its worker threads while holding the GIL, and a worker
+    that finished a collective on a Python-visible tensor needs the GIL to drop it. Seen here (2-rank CPU run
+    under load, py-spy): the main thread in ~ProcessGroupGloo -> thread::join, the worker in ~AsyncWork ->
+    gil_scoped_acquire, forever, after "done". The barrier makes every earlier collective complete, the sleep
+    releases the GIL so the workers drop their finished work, and only then is the group destroyed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    gc.collect()  # the trainer's reference cycles: DDP's reducer goes while the group is still registered
+    time.sleep(TEARDOWN_GRACE_S)
+    dist.destroy_process_group()
 
 
 def broadcast_object(obj: Any) -> Any:

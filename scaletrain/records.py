@@ -21,6 +21,8 @@ A run directory holds:
     eval.json        metrics of `python -m scaletrain.eval`        (scaletrain.eval)
     checkpoints/     step_XXXXXXX.pt files and step_XXXXXXX/ DCP folders; hidden names (.*) are
                      temporary and never a checkpoint
+    .lease           the lock of the process that owns the folder, JSON naming it (scaletrain/lease.py)
+    .<name>.<pid>-<hex>.tmp   an `atomic_write` in progress, or a leftover of one killed midway (ATOMIC_TMP)
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer: sample/eval need no da
 MODEL_FILE = "model.pt"  # the final weights (model state, step, config; checksummed), written when the run ends
 EVAL_FILE = "eval.json"  # what `python -m scaletrain.eval` measured
 WANDB_ID_FILE = "wandb_id"  # a resumed attempt logs into the same W&B run, even one killed before any checkpoint
+LEASE_FILE = ".lease"  # one process per run folder: an OS lock on it, never deleted (lease.py); not a record
+# every record of a run, what train.overwrite=true deletes (W&B's own wandb/ folder stays: one subfolder per W&B
+# run, nothing mixes, and an offline run there may not be synced yet)
+RUN_RECORDS = (
+    CONFIG_FILE,
+    RUN_INFO_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    CKPT_DIR,
+    TOKENIZER_FILE,
+    MODEL_FILE,
+    EVAL_FILE,
+    WANDB_ID_FILE,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Metric keys read by more than one module (metrics.jsonl records and W&B)
@@ -111,6 +128,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         tmp.unlink(missing_ok=True)  # only still there if the write failed
     fsync_dir(path.parent)
     return path
+
+
+# the names `atomic_write` gives its temporary files: what a write killed midway leaves behind
+ATOMIC_TMP = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -344,11 +365,12 @@ class RunDirInUse(BadInput, ValueError):
 
 
 def check_run_dir_free(run_dir: str | os.PathLike, overwrite: bool) -> list[Path]:
-    """The records of another run in `run_dir` (metrics.jsonl, summary.json, checkpoints) that a fresh run would
-    mix with; RunDirInUse, naming them and the ways on, when there are some and `overwrite` is off."""
+    """The records of another run in `run_dir` (metrics.jsonl, summary.json, checkpoints, model.pt) that a fresh run
+    would mix with; RunDirInUse, naming them and the ways on, when there are some and `overwrite` is off."""
     run_dir = Path(run_dir)
     found = [p for p in (run_dir / METRICS_FILE, run_dir / SUMMARY_FILE) if p.is_file()]
     found += list_checkpoints(run_dir / CKPT_DIR)
+    found += [p for p in (run_dir / MODEL_FILE,) if p.is_file()]  # the final weights, even without the rest
     if found and not overwrite:
         names = ", ".join(str(p.relative_to(run_dir)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise RunDirInUse(

@@ -11,46 +11,79 @@ run (or sweep job) directory.
 
 Bad input (`config.BadInput` and its subclasses, whose messages name the key or file and the fix) ends a single
 run with one line `<kind> error: <message>` and exit code 2; under -m the job fails, its error names the job
-and its log file, and the sweep goes on. Any other exception is a bug and keeps its traceback. Ranks, devices
-and preemption live in distributed.py.
+and its log file, and the sweep goes on. Any other exception is a bug and keeps its traceback. A Ctrl-C that
+reaches the command (while it starts up, imports included, or prepares data; a second one while the first one's
+checkpoint is saved) ends in one line saying the state of the run folder, and exit code 130 as a first Ctrl-C
+during training does. Hydra's grammar errors say how to quote a value (a path with a space). Ranks, devices and
+preemption live in distributed.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
+import signal
 import sys
-import traceback
-from pathlib import Path
+from typing import NoReturn
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+INTERRUPTED_EXIT = 128 + signal.SIGINT  # 130: the shell's code for Ctrl-C, as a run stopped by its first Ctrl-C
+# Run as the command (`python -m scaletrain.run`, `scaletrain-run`), not imported by other code: then a Ctrl-C while
+# the modules below load ends in one line instead of the traceback of whichever module was loading. (Not before
+# Python has read this file: under `python -m`, the first ~0.1 s of a start, Python's own traceback remains.)
+_COMMAND = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "scaletrain-run"
 
-from scaletrain import records
-from scaletrain.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, sweep_jobs
-from scaletrain.config import (
-    RESUME_KEYWORDS,
-    BadInput,
-    Config,
-    ConfigError,
-    Resume,
-    check_batch_split,
-    load_config,
-    register_configs,
-    resume_role,
-    suggest,
-    to_dict,
-    unwritable,
-)
+
+def _stop_interrupted(line: str) -> NoReturn:
+    """Ctrl-C: one line on stderr, exit 130. Further Ctrl-Cs are ignored from here on: they would interrupt the
+    line itself (a traceback of this function, where one line was promised)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(line, file=sys.stderr)
+    raise SystemExit(INTERRUPTED_EXIT) from None
+
+
+STARTING_UP = "interrupted (Ctrl-C) while starting up: no run was started, nothing was written"
+
+try:
+    import argparse
+    import re
+    import traceback
+    from pathlib import Path
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import OverrideParseException
+    from hydra.types import RunMode
+    from omegaconf import DictConfig, OmegaConf
+
+    from scaletrain import records
+    from scaletrain.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, sweep_jobs
+    from scaletrain.config import (
+        RESUME_KEYWORDS,
+        BadInput,
+        Config,
+        ConfigError,
+        Resume,
+        check_batch_split,
+        load_config,
+        register_configs,
+        resume_role,
+        suggest,
+        to_dict,
+        unwritable,
+    )
+except KeyboardInterrupt:
+    if not _COMMAND:
+        raise
+    _stop_interrupted(STARTING_UP)
 
 try:  # at import: a sweep job unpickling main() needs the schemas too
     register_configs()
 except BadInput as _err:  # a plugin that does not import: one line, before Hydra starts
     print(f"{_err.kind} error: {_err}", file=sys.stderr)
     raise SystemExit(2) from None
+except KeyboardInterrupt:  # plugins load here
+    if not _COMMAND:
+        raise
+    _stop_interrupted(STARTING_UP)
 # submitit's local executor sets CUDA_VISIBLE_DEVICES for every job; keep what this shell had, so that the
 # jobs of a local sweep can share out all of its GPUs (scaletrain.distributed.claim_local_slot)
 os.environ.setdefault("SCALETRAIN_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
@@ -136,6 +169,8 @@ def check_job(cfg: Config, run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
 def main(dcfg: DictConfig) -> float | None:
+    global _run_dir
+    _run_dir = Path(HydraConfig.get().runtime.output_dir)  # what a Ctrl-C reports on (cli)
     try:
         cfg = load_config(dcfg)  # the one conversion: typed dataclasses from here on
     except ConfigError as err:
@@ -158,19 +193,58 @@ def main(dcfg: DictConfig) -> float | None:
         if kind is not None:
             _fail(kind, err)
             return None
+        interrupt = _interrupt_behind(err)
+        if interrupt is not None:  # a Ctrl-C that a worker pool turned into its own error (data preparation)
+            raise interrupt from None
         if hc.mode == RunMode.MULTIRUN:
             raise _job_failed(err) from err
         raise
     return summary.val_loss
 
 
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C that `err` was raised while handling, if any: datasets' worker pool, waiting for its workers
+    when the Ctrl-C comes, raises a TimeoutError of its own from it (data preparation with num_proc > 1)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- preflight
+
+
+def _grammar_hint(err: OverrideParseException, overrides: list[str]) -> str:
+    """Hydra's grammar error for one override, naming it, with how to quote it. An override without `=` that follows
+    a key=value is most often the rest of that value, split off by the shell at a space (an unquoted path)."""
+    bad, reason = err.override, err.message.split("\n")[0]
+    at = overrides.index(bad) if bad in overrides else -1
+    before = overrides[at - 1] if at > 0 else ""
+    if "=" not in bad and "=" in before:
+        key, _, value = before.partition("=")
+        return (
+            f"{bad!r} is not key=value: if it is the rest of {key}'s value, the shell split the value at a space; "
+            f"quote it ({key}='{value} {bad}') or escape the space ({key}={value}\\ {bad})"
+        )
+    if "=" not in bad:
+        return f"{bad!r} is not key=value (or group=option): {reason}"
+    key, _, value = bad.partition("=")
+    return (
+        f"{bad}: {reason}; Hydra's override grammar gives ( ) [ ] {{ }} , quotes and backslashes a meaning: quote the "
+        f"value for it, inside the shell's quotes (\"{key}='{value}'\")"
+    )
 
 
 def _explain(err: Exception, overrides: list[str]) -> str:
     """Hydra's composition error, plus the nearest valid name where the error is a misspelling."""
     from hydra import compose
 
+    if isinstance(err, OverrideParseException):  # data.path=/my data (unquoted): a grammar error without a hint
+        return _grammar_hint(err, overrides)
     msg = str(err).strip()
     missing = re.search(r"Could not find '(.+)/([^'/]+)'", msg)
     # the schemas the options stack on (`<name>_schema`, ConfigStore) are not options a user picks
@@ -241,8 +315,27 @@ def _check_output_dir(first_job: list[str], overrides: list[str], multirun: bool
     problem = unwritable(folder)
     if problem:
         raise ConfigError(f"{key}={folder}: {problem}; set {key} to a folder you can write (or run from one)")
+    if not multirun:  # a live run there: refused before Hydra writes its .hydra/ and log into that folder
+        from scaletrain.lease import Lease
+
+        Lease(Path(folder)).check_free()
     if not multirun and cfg.train.resume == "none":
-        records.check_run_dir_free(folder, cfg.train.overwrite)
+        try:
+            records.check_run_dir_free(folder, cfg.train.overwrite)
+        except OSError as err:  # the folder exists but cannot be listed or read
+            raise ConfigError(f"{key}={folder}: cannot check the folder ({err.strerror}: {err.filename})") from None
+
+
+def error_line(err: Exception, overrides: list[str]) -> str | None:
+    """The one line `preflight` ends with for `err`, raised while checking `overrides`: `<kind> error: <message>` for
+    bad input (Hydra's or OmegaConf's composition errors, explained; a BadInput), None for a bug (its traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, HydraException | OmegaConfBaseException):
+        return f"config error: {_explain(err, overrides)}"
+    kind = _bad_input_kind(err)
+    return None if kind is None else f"{kind} error: {err}"
 
 
 def preflight(overrides: list[str], multirun: bool, will_run: bool = True) -> None:
@@ -269,14 +362,15 @@ def preflight(overrides: list[str], multirun: bool, will_run: bool = True) -> No
                     from scaletrain.checkpoint import check_resumable
 
                     check_resumable(configs[0].train.resume, Path.cwd(), to_dict(configs[0]))  # a PATH: no run dir
-        except (HydraException, OmegaConfBaseException) as err:
-            print(f"config error: {_explain(err, overrides)}", file=sys.stderr)
-            raise SystemExit(2) from None
+                if not multirun and not configs[0].train.dry_run:  # sweep jobs check theirs where they run (Trainer)
+                    from scaletrain.sizing import check_resources
+
+                    check_resources(configs[0], warn=False)  # memory, before Hydra creates the run folder
         except Exception as err:
-            kind = _bad_input_kind(err)
-            if kind is None:
+            line = error_line(err, overrides)
+            if line is None:
                 raise
-            print(f"{kind} error: {err}", file=sys.stderr)
+            print(line, file=sys.stderr)
             raise SystemExit(2) from None
     if swept:
         os.environ[SWEPT_KEYS_ENV] = "|".join(swept)
@@ -308,14 +402,38 @@ def hydra_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_line(err: KeyboardInterrupt, run_dir: Path | None) -> str:
+    """The one line a Ctrl-C that reached the command ends with: which one (the first one during start-up or data
+    preparation, a second one during training: distributed.Preemption), and the state the run folder is left in."""
+    why = str(err) or "Ctrl-C"
+    if run_dir is None:
+        return STARTING_UP.replace("Ctrl-C", why)
+    try:
+        status = records.read_status(run_dir)
+        saved = records.list_checkpoints(run_dir / records.CKPT_DIR)
+    except (OSError, ValueError) as read_err:
+        return f"interrupted ({why}): run folder {run_dir}, its records cannot be read ({read_err})"
+    state = f"status {status.state} at step {status.step}" if status else "the run had not started (no status)"
+    resume = f"last checkpoint {saved[-1].name} (train.resume=auto continues from it)" if saved else "no checkpoint"
+    return f"interrupted ({why}): run folder {run_dir}, {state}; {resume}"
+
+
+_run_dir: Path | None = None  # the job's run folder once Hydra made it (main)
+
+
 def cli() -> None:
     """The console script (`scaletrain-run`): preflight, then Hydra. Hydra's own flags that print help,
-    install shell completion or use another config skip the preflight."""
-    args, _ = hydra_args_parser().parse_known_args()
-    own_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
-    if not (args.help or args.hydra_help or args.shell_completion or args.info or own_config):
-        preflight(args.overrides, args.multirun, will_run=args.cfg is None)
-    main()
+    install shell completion or use another config skip the preflight. A Ctrl-C that reaches here (during
+    start-up or data preparation, or a second one during training) ends in one line and exit code 130."""
+    try:
+        args, _ = hydra_args_parser().parse_known_args()
+        own_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
+        if not (args.help or args.hydra_help or args.shell_completion or args.info or own_config):
+            preflight(args.overrides, args.multirun, will_run=args.cfg is None)
+        main()
+    except KeyboardInterrupt as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C would only interrupt the line
+        _stop_interrupted(interrupted_line(err, _run_dir))
 
 
 if __name__ == "__main__":

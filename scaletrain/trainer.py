@@ -55,7 +55,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from scaletrain import checkpoint as ckpt
 from scaletrain import distributed, hardware, records
 from scaletrain.build import build
-from scaletrain.config import BadInput, CkptFormat, Config, Precision, load_config, to_dict
+from scaletrain.config import BadInput, CkptFormat, Config, Precision, TrainConfig, load_config, to_dict
 from scaletrain.cost import step_flops
 from scaletrain.evaluator import Evaluator
 from scaletrain.metrics import MetricsLogger
@@ -63,6 +63,7 @@ from scaletrain.moe import moe_layers, moe_metrics, update_moe_biases
 from scaletrain.records import RunState, Summary
 from scaletrain.roles import format_param_split
 from scaletrain.run_dir import RunFolder
+from scaletrain.sizing import check_resources
 
 log = logging.getLogger("scaletrain")
 
@@ -166,6 +167,7 @@ class Trainer:
         device, run_dir = distributed.setup_rank(
             self.dist, hardware.pick_device(self.tc.device), Path(run_dir), cfg.cluster.parallel_jobs
         )
+        check_resources(cfg, device, self.dist)  # one line if it cannot fit here, before data and model setup
         self.progress = TrainProgress()  # the clocks start here, once the run holds its slot
         self.folder = RunFolder(run_dir, self.dist.is_main)
         if device.type == "cpu":
@@ -242,7 +244,7 @@ class Trainer:
         """Continue from the newest good checkpoint when asked (train.resume) or inside a scheduler's job: a cluster
         job's folder belongs to one sweep point, so a checkpoint there is an earlier attempt of this job (preempted
         and requeued). One W&B run per run folder, whichever attempt logs."""
-        resume = "auto" if self.tc.resume == "none" and distributed.in_cluster_job() else self.tc.resume
+        resume = resume_mode(self.tc)
         candidates = ckpt.resume_candidates(resume, self.run_dir)
         self.folder.remove_save_leftovers()
         if candidates:
@@ -273,14 +275,21 @@ class Trainer:
         self.step_cost = step_flops(self.cfg, self.model)  # model + optimizer FLOPs per step (cost.py)
         self.flops_per_token, self.tokens_per_step = self.step_cost.flops_per_token, self.step_cost.tokens
 
+    def last_good(self) -> str:
+        """What is left to continue from, for the message of a run stopped by non-finite values."""
+        done = records.list_checkpoints(self.run_dir / records.CKPT_DIR)
+        if done:
+            return f"the last checkpoint, {done[-1]}, holds finite weights (train.resume=auto continues from it)"
+        return "no checkpoint was written before it (nothing to resume from)"
+
     def save(self) -> None:
         """Checkpoint this step in `train.ckpt_format` (every rank calls this); never from non-finite weights,
         so the newest checkpoint is always one a run can continue from."""
         local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]  # FSDP2: own shard
         if not all_ranks_agree(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()):
             raise NonFiniteError(
-                f"weights are not finite at step {self.step}: not checkpointing them; the last "
-                "checkpoint holds finite weights: lower optim.lr or check the data"
+                f"weights are not finite at step {self.step}: not checkpointing them; {self.last_good()}: "
+                "lower optim.lr or check the data"
             )
         fmt = self.tc.ckpt_format
         sharded = fmt == CkptFormat.sharded or (fmt == CkptFormat.auto and distributed.is_sharded(self.model))
@@ -323,8 +332,8 @@ class Trainer:
         if self.nonfinite_in_a_row >= self.tc.max_nonfinite:
             raise NonFiniteError(
                 f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient norm "
-                f"after step {self.step} (train.max_nonfinite={self.tc.max_nonfinite}); the last "
-                "checkpoint holds finite weights: lower optim.lr or check the data"
+                f"after step {self.step} (train.max_nonfinite={self.tc.max_nonfinite}); {self.last_good()}: "
+                "lower optim.lr or check the data"
             )
 
     def log_train(
@@ -372,6 +381,7 @@ class Trainer:
         # with a bar, console log lines print above it instead of through it (the log file is untouched)
         with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
             while self.step < tc.max_steps:
+                distributed.check_supervised(self.dist)  # a torchrun worker whose agent died stops here
                 loss, aux, grad_norm, stepped = self.train_step()
                 if not stepped:  # no update: nothing to log, evaluate or save for this batch
                     self.skipped(loss, grad_norm)
@@ -464,30 +474,48 @@ class Trainer:
         return summary
 
 
+def resume_mode(tc: TrainConfig) -> str:
+    """train.resume as it applies: inside a scheduler's job `none` means `auto` (Trainer.resume says why)."""
+    return "auto" if tc.resume == "none" and distributed.in_cluster_job() else tc.resume
+
+
 def train(cfg: Config | DictConfig, run_dir: Path, run_name: str = "run") -> Summary:
     """Train per `cfg`, writing records, metrics, checkpoints, status.json and summary.json into `run_dir`
     -> the run's summary. A preempted run (USR2 / SIGTERM) exits with SystemExit after its checkpoint (and
     requeue)."""
     cfg = load_config(cfg)
-    folder = RunFolder(Path(run_dir), distributed.detect_env().is_main)
+    env = distributed.detect_env()
+    folder = RunFolder(Path(run_dir), env.is_main)
+    with folder.lease(env.launcher):  # one process per run folder (lease.py): first, before anything is written
+        return _train_in(folder, cfg, run_name)
+
+
+def _train_in(folder: RunFolder, cfg: Config, run_name: str) -> Summary:
+    """`train` in a folder this process's job holds the lease of (rank 0 holds it, released on every way out)."""
     folder.claim(cfg)  # before status.json or config.json is written
-    ckpt.check_resumable(cfg.train.resume, folder.path, to_dict(cfg))  # before anything is written or built
+    # before anything is written or built
+    ckpt.check_resumable(resume_mode(cfg.train), folder.path, to_dict(cfg), overwrite=cfg.train.overwrite)
+    if folder.is_main:
+        ckpt.check_writable(folder.path)
     trainer = None
     folder.status(RunState.running, 0)
     try:
         trainer = Trainer(cfg, folder.path, run_name)
         with trainer.preempt:
-            return trainer.fit()
+            summary = trainer.fit()
     except distributed.Preempted as err:
         log.warning(str(err))
         state = RunState.requeued if err.outcome == "requeued" else RunState.interrupted
         folder.status(state, trainer.step if trainer else 0, err)
+        trainer = None  # every rank stops here together (the flag is agreed collectively): a clean teardown
+        distributed.teardown()
         raise SystemExit(err.exit_code) from None  # no result: submitit's client waits for the requeued run
     except BaseException as err:
         state = RunState.interrupted if isinstance(err, KeyboardInterrupt) else RunState.failed
         folder.status(state, trainer.step if trainer else 0, err, any_rank=True)  # the error is news
         if trainer is not None:
             trainer.logger.finish(exit_code=1)
-        raise
-    finally:
-        distributed.destroy_process_group()
+        raise  # no teardown: peers may be inside a collective (distributed.teardown)
+    trainer = None  # DDP's reducer holds the process group: free it first
+    distributed.teardown()
+    return summary

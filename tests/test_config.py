@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,7 +16,17 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from scaletrain.config import ConfigError, load_config
+from scaletrain.config import (
+    FRACTION,
+    NAME_MAX,
+    PATH,
+    ConfigError,
+    ModelConfig,
+    Rule,
+    TrainConfig,
+    check_values,
+    load_config,
+)
 
 from .conftest import CONF_DIR, NO_LOCAL, REPO, compose_cfg, tiny_overrides
 
@@ -193,6 +206,56 @@ def test_inconsistent_values_fail_validation_naming_the_key(override, key):
     cfg = compose_cfg(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(cfg)
+
+
+@dataclass
+class Knobs:
+    """A schema as a plugin writes one: its own rules in RULES, each type's rule for the rest."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"rate": FRACTION, "folder": PATH, "warmup": Rule(lo=0, note="(0 = off)")}
+    rate: float = 0.5
+    warmup: int = 10
+    count: int = 1
+    seed: int = 0
+    folder: str | None = None
+    tags: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"rate": 1.0}, "x.rate: must be a finite number in [0, 1), got 1.0"),
+        ({"rate": math.nan}, "x.rate: must be a finite number in [0, 1), got nan"),
+        ({"warmup": -1}, "x.warmup: must be >= 0 (0 = off), got -1"),
+        (
+            {"count": 2**64},
+            "x.count: must fit in a 64-bit integer (at most 9223372036854775807), got 18446744073709551616",
+        ),
+        ({"seed": 2**40}, "x.seed: must be in [0, 4294967295] (numpy's seed range), got 1099511627776"),
+        ({"folder": " "}, "x.folder: empty; use null or a non-empty string"),
+        (
+            {"folder": "a/" + "b" * (NAME_MAX + 1)},
+            f"x.folder: has a name of {NAME_MAX + 1} bytes, more than this system",
+        ),
+        ({"tags": ["a", ""]}, "x.tags[1]: empty; expected a non-empty string, got ''"),
+        ({"weights": {"a": 1.0, "b": -math.inf}}, "x.weights.b: must be a finite number, got -inf"),
+    ],
+)
+def test_a_value_invalid_in_itself_is_refused_naming_the_key_the_value_and_what_is_expected(change, message):
+    check_values(Knobs(), "x.")  # the defaults are valid
+    with pytest.raises(ConfigError) as err:
+        check_values(Knobs(**change), "x.")
+    assert str(err.value).startswith(message)
+
+
+def test_value_rules_hold_for_dataclasses_built_in_python_and_run_before_the_rules_relating_keys():
+    with pytest.raises(ConfigError, match=r"^train\.seed: must be in \[0, 4294967295\]"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ConfigError, match=r"^model\.n_heads: must be positive, got 0"):  # not D % 0
+        ModelConfig(name="t", n_heads=0)
+    with pytest.raises(ConfigError, match=r"^model\.n_kv_heads: must be positive or null, got 0"):
+        ModelConfig(name="t", n_kv_heads=0)  # once taken as n_heads: null says that
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

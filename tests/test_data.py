@@ -7,6 +7,7 @@ and tokenized with GPT-2's BPE so that expected streams are exact and need no tr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import socket
@@ -132,7 +133,14 @@ def test_packed_stream_is_each_document_followed_by_eot(small_corpus, tmp_path, 
     assert d.train.n_bytes == sum(len(doc.encode()) for doc in TRAIN_DOCS)
     assert d.val.bytes_per_token == sum(len(doc.encode()) for doc in VAL_DOCS) / len(d.val.tokens)
     meta = json.loads((d.cache_dir / "meta.json").read_text())
-    assert meta["train"] == {"n_tokens": len(d.train.tokens), "n_bytes": d.train.n_bytes, "n_docs": 40}
+    sha256 = hashlib.sha256((d.cache_dir / "train.bin").read_bytes()).hexdigest()
+    assert meta["train"] == {
+        "n_tokens": len(d.train.tokens),
+        "n_bytes": d.train.n_bytes,
+        "n_docs": 40,
+        "sha256": sha256,
+        "max_token_id": int(d.train.tokens.max()),
+    }
     assert d.cache_dir.name.endswith("-" + d.tokenizer.fingerprint)
 
 

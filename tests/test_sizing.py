@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import weakref
@@ -27,8 +28,10 @@ from scaletrain.sizing import (
     USABLE,
     dry_run,
     format_sizing,
+    host_memory,
     kept_bytes_per_token,
     meta_model,
+    model_shape,
     peak_bytes_per_token,
     size,
 )
@@ -131,13 +134,44 @@ MODELS = {
 @pytest.mark.parametrize("model", MODELS)
 def test_the_activation_formulas_equal_what_the_forward_keeps_and_bound_the_peak(model, ac):
     cfg = _cfg(*MODELS[model])
-    meta = meta_model(cfg)
+    shape = model_shape(cfg)
     kept, peak = measured_bytes_per_token(cfg, ac)
     # fp32 activations (4 bytes) and scaletrain's CPU dropout, which keeps a scaled fp32 mask (4 bytes): exact
-    assert kept == kept_bytes_per_token(cfg, meta, str(ac), act_bytes=4, mask_bytes=4)
+    assert kept == kept_bytes_per_token(cfg, shape, str(ac), act_bytes=4, mask_bytes=4)
     # the peak: above what was kept (the backward's gradients come on top), at most the bound (kept + one
     # rebuilt block + the working gradients)
-    assert kept < peak <= peak_bytes_per_token(cfg, meta, str(ac), act_bytes=4, mask_bytes=4)
+    assert kept < peak <= peak_bytes_per_token(cfg, shape, str(ac), act_bytes=4, mask_bytes=4)
+
+
+SHAPES = {
+    **MODELS,
+    "tied_layernorm_bias": ["model=tiny", "model.tie_embeddings=true", "model.bias=true", "model.qk_norm=true"],
+    "moe_every_2_of_5": ["model=tiny", "moe=top2_8e", "moe.every=2", "model.n_layers=5", "optim=muon"],
+    "gpt2_vocab": ["model=tiny", "data.tokenizer.kind=gpt2"],
+    "model_vocab": ["model=tiny", "model.vocab_size=1000", "model.n_embed=64"],
+}
+
+
+@pytest.mark.parametrize("model", SHAPES)
+def test_the_shape_from_one_block_of_each_kind_counts_what_the_whole_model_holds(model):
+    """`model_shape` (what the dry run and every run's resource check count with, in a time that does not grow
+    with model.n_layers) against the configured model built whole on the meta device."""
+    cfg = _cfg(*SHAPES[model])
+    shape, meta = model_shape(cfg), meta_model(cfg)
+    counts = meta.param_counts()
+    assert (shape.params, shape.active) == (counts["total"], counts["active"])
+    assert shape.muon == sum(r.param.numel() for r in param_roles(meta) if r.group.startswith("muon"))
+    assert shape.n_moe == sum(1 for b in meta.blocks if hasattr(b.mlp, "w_router_ED"))
+    assert shape.vocab_size == meta.vocab_size
+    assert shape.unit == max([*(sum(p.numel() for p in b.parameters()) for b in meta.blocks), meta.W_ue.weight.numel()])
+    assert shape.buffers == sum(b.numel() * b.element_size() for b in meta.buffers())
+
+
+def test_host_memory_is_this_machines_ram_or_its_cgroups_lower_limit():
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory, source = host_memory()
+    assert memory is not None and 0 < memory <= ram
+    assert source == "physical RAM" if memory == ram else source.startswith("the cgroup's memory limit")
 
 
 @pytest.mark.parametrize("parallel,optim", [("fsdp", "adamw"), ("ddp", "adamw"), ("fsdp", "muon")])
@@ -154,7 +188,9 @@ def test_weight_gradient_and_optimizer_memory_follow_their_formulas(parallel, op
     assert s.optimizer_gb == pytest.approx((4 * muon + 8 * (P - muon)) / shard / GB, rel=1e-12)
     block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     unit = max(block, model.W_ue.weight.numel())
-    assert s.allgather_gb == pytest.approx((2 * unit * 4 / GB) if parallel == "fsdp" else 0.0, rel=1e-12)
+    # train.precision=auto is bf16 on the GPUs the dry run sizes: FSDP2 gathers bf16 copies (2 bytes)
+    assert s.precision == "bf16"
+    assert s.allgather_gb == pytest.approx((2 * unit * 2 / GB) if parallel == "fsdp" else 0.0, rel=1e-12)
     # the largest micro-batch: what fits in the usable memory beside the fixed part, per sequence
     fixed = (s.params_gb + s.grads_gb + s.optimizer_gb + s.allgather_gb) * GB
     per_seq = s.activations_gb["none"] * GB / s.micro_batch

@@ -40,20 +40,28 @@ class WindowOrder:
 
     def _starts(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows) * self.seq_len
+            self._order = np.empty(0, dtype=np.int64)  # the last epoch's goes before the next is drawn
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            self._order *= self.seq_len  # in place: one permutation's memory
             self._order_epoch = self.epoch
         return self._order
 
-    def take(self, n: int) -> np.ndarray:
-        """Start offsets of the next `n` windows of the global order (advances the position)."""
-        parts = [np.empty(0, dtype=np.int64)]
-        while n:  # a global batch may straddle one or more epoch boundaries
-            k = min(n, self.n_windows - self.pos)
-            parts.append(self._starts()[self.pos : self.pos + k])
-            self.pos, n = self.pos + k, n - k
+    def take(self, n: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Start offsets of windows rank, rank + world_size, ... of the next `n` of the global order (all `n` with
+        the defaults); advances the position by `n`. Memory: the result and one epoch's permutation, whatever `n`:
+        a batch spanning many epochs fills the result epoch by epoch (each permutation is dropped when the next is
+        drawn), and a rank holds only its own rows."""
+        out = np.empty(len(range(rank, n, world_size)), dtype=np.int64)  # far beyond memory: refused here, at once
+        done = filled = 0  # windows of the n consumed; rows of `out` written
+        while done < n:  # a global batch may straddle one or more epoch boundaries
+            k = min(n - done, self.n_windows - self.pos)
+            first = self.pos + (rank - done) % world_size  # this rank's first row of the k
+            m = len(range(first, self.pos + k, world_size))
+            out[filled : filled + m] = self._starts()[first : self.pos + k : world_size]
+            filled, done, self.pos = filled + m, done + k, self.pos + k
             if self.pos == self.n_windows:
                 self.epoch, self.pos = self.epoch + 1, 0
-        return np.concatenate(parts)
+        return out
 
     def state_dict(self) -> dict:
         return {
@@ -120,8 +128,8 @@ class BatchLoader:
         return self.order.pos
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # every rank computes the whole global micro-batch's starts (cheap) and gathers only its rows
-        starts = self.order.take(self.batch_size * self.world_size)[self.rank :: self.world_size]
+        # every rank advances through the whole global micro-batch and keeps (and gathers) only its rows
+        starts = self.order.take(self.batch_size * self.world_size, self.rank, self.world_size)
         x, y = _windows(self.tokens, starts, self.seq_len)
         return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 

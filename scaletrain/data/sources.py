@@ -108,6 +108,11 @@ def _find_split_file(folder: Path, split: str, src: SourceConfig) -> Path:
         raise DataError(
             f"{folder}: {problem} {split} file; expected exactly one of {', '.join(p.name for p in candidates)}"
         )
+    try:  # found before any text is read or tokenized, not as a traceback of the reader
+        with found[0].open("rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise DataError(f"{found[0]}: cannot be read ({type(err).__name__}: {err.strerror or err})") from None
     return found[0]
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from scaletrain import run
+from scaletrain import records, run
 from scaletrain.config import load_config
 from scaletrain.data import DataError, prepare_data
 
@@ -140,7 +141,7 @@ CONFIG_CASES = [
         ["optim.weight_decay=inf"],
         False,
         "config",
-        "optim.weight_decay: must be a finite number, got inf",
+        "optim.weight_decay: must be a finite number >= 0, got inf",
         marks=fault("`optim.weight_decay=inf` (any non-finite float)", "exit 2: names the key, finite expected"),
     ),
     pytest.param(
@@ -156,6 +157,22 @@ CONFIG_CASES = [
         "config",
         "train.max_steps: must be positive, got 0",
         marks=fault("`train.max_steps=0`", "exit 2: names the key, positive expected"),
+    ),
+    pytest.param(
+        ["train.seed=-1"],
+        False,
+        "config",
+        "train.seed: must be in [0, 4294967295] (numpy's seed range), got -1",
+        marks=fault(
+            "negative seed `train.seed=-1`", "exit 2 before Hydra starts: names the key and numpy's seed range"
+        ),
+    ),
+    pytest.param(
+        [f"train.seed={2**40}"],
+        False,
+        "config",
+        "train.seed: must be in [0, 4294967295] (numpy's seed range), got 1099511627776",
+        marks=fault("seed beyond numpy's range `train.seed=2**40`", "exit 2 before Hydra starts: names the key, range"),
     ),
     pytest.param(
         ["data.seq_len=0"],
@@ -210,7 +227,7 @@ CONFIG_CASES = [
         ["train.resume="],
         False,
         "config",
-        "train.resume: expected none | auto | PATH, got an empty string",
+        "train.resume: empty; expected a non-empty string (none | auto | PATH), got ''",
         marks=fault("empty `train.resume=`", "exit 2: says what train.resume accepts"),
     ),
     pytest.param(
@@ -236,6 +253,25 @@ CONFIG_CASES = [
             fault("unwritable output folder `hydra.run.dir=/sys/run`", "exit 2 before Hydra starts: names key, why"),
             pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's read-only /sys"),
         ],
+    ),
+    pytest.param(
+        ["hydra.run.dir={tmp}/" + "x" * 300],
+        False,
+        "config",
+        "hydra.run.dir={tmp}/" + "x" * 300 + ": the path has a name of 300 bytes, more than this system's limit of",
+        marks=fault(
+            "a 300-character folder name `hydra.run.dir=x...x`", "exit 2 before Hydra starts: the path, the limit"
+        ),
+    ),
+    pytest.param(
+        ["data.path={tmp}/my", "data"],
+        False,
+        "config",
+        "'data' is not key=value: if it is the rest of data.path's value, the shell split the value at a space; "
+        "quote it (data.path='{tmp}/my data') or escape the space (data.path={tmp}/my\\ data)",
+        marks=fault(
+            "unquoted path with a space `data.path=/my data`", "exit 2: names the word split off, how to quote"
+        ),
     ),
     pytest.param(
         ["hydra.sweep.dir={tmp}/a_file/sweep", "optim.lr=1e-3,2e-3"],
@@ -285,6 +321,99 @@ def test_a_bad_setting_or_path_fails_in_one_line_before_hydra_starts(
     assert err.startswith(f"{kind} error: ") and err.count(" error: ") == 1, err
     assert expected.replace("{tmp}", str(tmp_path)) in err
     assert not (tmp_path / "out").exists()  # Hydra never started: no run folder, no logs
+
+
+@pytest.fixture
+def sigint_handler_kept():
+    """cli() ignores further Ctrl-Cs once it stops for one: give the test process its own handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@fault("Ctrl-C while the command line is checked (start-up)", "exit 130, one line: interrupted, nothing written")
+def test_ctrl_c_during_start_up_ends_in_one_line_and_exit_130(monkeypatch, capsys, sigint_handler_kept):
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "preflight", ctrl_c)
+    monkeypatch.setattr(run, "_run_dir", None)
+    monkeypatch.setattr(sys, "argv", ["scaletrain-run", "debug=cpu_tiny"])
+    with pytest.raises(SystemExit) as exit_:
+        run.cli()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == f"{run.STARTING_UP}\n"
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a third Ctrl-C cannot break the line
+
+
+@fault(
+    "a second Ctrl-C while the first one's checkpoint is saved",
+    "exit 130, one line: the run folder, its status and step, the last checkpoint; no traceback",
+)
+def test_a_second_ctrl_c_ends_in_one_line_naming_the_state_of_the_run(
+    tmp_path, monkeypatch, capsys, sigint_handler_kept
+):
+    run_dir = tmp_path / "run"
+    (run_dir / records.CKPT_DIR).mkdir(parents=True)
+    (run_dir / records.CKPT_DIR / records.checkpoint_name(5, sharded=False)).write_bytes(b"a checkpoint")
+    second = KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")  # distributed.Preemption raises it
+    records.write_status(run_dir, records.RunState.interrupted, 7, second)  # as the trainer records it
+
+    def training(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(run, "_run_dir", run_dir)  # main() records its run folder first
+        raise second
+
+    monkeypatch.setattr(run, "preflight", lambda *args, **kwargs: None)
+    monkeypatch.setattr(run, "main", training)
+    monkeypatch.setattr(sys, "argv", ["scaletrain-run", "debug=cpu_tiny"])
+    with pytest.raises(SystemExit) as exit_:
+        run.cli()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == (
+        f"interrupted (second Ctrl-C: stopping without a checkpoint): run folder {run_dir}, status interrupted at "
+        "step 7; last checkpoint step_0000005.pt (train.resume=auto continues from it)\n"
+    )
+
+
+@fault(
+    "Ctrl-C while worker processes prepare data (their pool raises its own TimeoutError from it)",
+    "treated as the Ctrl-C it is: exit 130, one line (seen behind the pool's error)",
+)
+def test_a_ctrl_c_behind_a_worker_pools_error_is_still_a_ctrl_c():
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise TimeoutError from None  # what multiprocess's pool raises when its wait is interrupted
+    except TimeoutError as err:
+        assert isinstance(run._interrupt_behind(err), KeyboardInterrupt)  # main() raises it: cli's one line
+    assert run._interrupt_behind(ValueError("a bug")) is None
+
+
+# python -m scaletrain.run, with a Ctrl-C (a real SIGINT) raised exactly when run.py starts importing Hydra
+CTRL_C_WHILE_IMPORTING = """
+import runpy, signal, sys
+
+class CtrlCOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hydra":
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnImport())
+sys.argv = ["scaletrain.run", "debug=cpu_tiny"]
+runpy.run_module("scaletrain.run", run_name="__main__", alter_sys=True)
+"""
+
+
+@fault("Ctrl-C while `python -m scaletrain.run` imports its modules", "exit 130, one line, no traceback")
+def test_ctrl_c_while_the_command_imports_its_modules_ends_in_one_line():
+    res = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr == "interrupted (Ctrl-C) while starting up: no run was started, nothing was written\n"  # exactly
 
 
 @fault("`--cfg job train.resume=/missing.pt`", "prints the config: only a command that runs checks paths")
