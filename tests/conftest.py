@@ -48,6 +48,17 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("scaletrain_cache")
 
 
+def tinystories_head(folder: Path, tinystories_dir: Path, train_chars: int, valid_chars: int) -> Path:
+    """`folder` with the first whole stories of the TinyStories sample (up to the given characters per split):
+    quick to tokenize, enough for a tiny run."""
+    eot = "<|endoftext|>"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n_chars in (("train.txt", train_chars), ("valid.txt", valid_chars)):
+        text = (tinystories_dir / name).read_text(encoding="utf-8")[:n_chars]
+        (folder / name).write_text(text[: text.rindex(eot)] + eot + "\n", encoding="utf-8")
+    return folder
+
+
 def tiny_overrides(data_dir: Path, cache: Path, **extra: object) -> list[str]:
     """A CPU-sized run: `debug=cpu_tiny` (tiny model, short sequences, 20 steps, W&B disabled, ...) with
     this session's data and cache folders; `extra` overrides any key or group (`model="moe_8x"`).

@@ -194,6 +194,8 @@ def _read_local_file(
 ) -> datasets.Dataset:
     """`_load_local_file`, with every way a file can be unreadable as one DataError naming the file and the
     format expected (datasets and pyarrow raise their own types, several layers deep)."""
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its readers log their errors as well as raising
     try:
         ds = _load_local_file(path, fingerprint, column, cache, key, template)
     except DataError:
@@ -207,6 +209,8 @@ def _read_local_file(
             f"{path}: cannot be read as {FILE_KINDS[path.suffix]} ({first_line(cause or err)}); "
             f"expected a {path.suffix} file with a {column!r} column ({key}.text_column)"
         ) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise DataError(f"{path}: no rows; expected documents in its {column!r} column ({key}.text_column)")
     return ds

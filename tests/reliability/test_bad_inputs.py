@@ -24,7 +24,7 @@ from scaletrain import records, run
 from scaletrain.config import load_config
 from scaletrain.data import DataError, prepare_data
 
-from ..conftest import NO_LOCAL, REPO, compose_cfg, tiny_overrides
+from ..conftest import NO_LOCAL, REPO, compose_cfg, tiny_overrides, tinystories_head
 
 fault = pytest.mark.fault
 EOT = "<|endoftext|>"
@@ -36,11 +36,7 @@ EOT = "<|endoftext|>"
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, tinystories_dir) -> Path:
     """The first stories of the TinyStories sample: enough for a tiny run, quick to tokenize."""
-    folder = tmp_path_factory.mktemp("small_data")
-    for name, n_chars in (("train.txt", 40_000), ("valid.txt", 20_000)):
-        text = (tinystories_dir / name).read_text(encoding="utf-8")[:n_chars]
-        (folder / name).write_text(text[: text.rindex(EOT)] + EOT + "\n", encoding="utf-8")
-    return folder
+    return tinystories_head(tmp_path_factory.mktemp("small_data"), tinystories_dir, 40_000, 20_000)
 
 
 @pytest.fixture(scope="module")
@@ -785,6 +781,8 @@ def test_the_cli_names_a_bad_train_file_in_one_line(case, expected, tmp_path, sm
     overrides = tiny_overrides(tmp_path / "data", tmp_path / "cache", **{"hydra.run.dir": tmp_path / "run"})
     res = run_cli(overrides)
     assert_one_line_error(res, "data", f"{bad}: ", expected)
+    said = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert len(said) == 1, res.stderr  # the readers' own error logs are quiet (datasets logged parquet's too)
     assert not list((tmp_path / "cache").glob("tokens/*"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -27,10 +27,9 @@ from scaletrain.data import BatchLoader, DataError, MixtureLoader, prepare_data
 from scaletrain.data import cache as data_cache
 from scaletrain.data.loader import WindowOrder
 
-from ..conftest import compose_cfg, tiny_overrides
+from ..conftest import compose_cfg, tiny_overrides, tinystories_head
 
 fault = pytest.mark.fault
-EOT = "<|endoftext|>"
 VOCAB = 512  # debug=cpu_tiny's BPE: uint16 tokens
 
 
@@ -40,11 +39,7 @@ VOCAB = 512  # debug=cpu_tiny's BPE: uint16 tokens
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, tinystories_dir) -> Path:
     """The first stories of the TinyStories sample: quick to tokenize, enough windows for a tiny run."""
-    folder = tmp_path_factory.mktemp("small_data")
-    for name, n_chars in (("train.txt", 20_000), ("valid.txt", 8_000)):
-        text = (tinystories_dir / name).read_text(encoding="utf-8")[:n_chars]
-        (folder / name).write_text(text[: text.rindex(EOT)] + EOT + "\n", encoding="utf-8")
-    return folder
+    return tinystories_head(tmp_path_factory.mktemp("small_data"), tinystories_dir, 20_000, 8_000)
 
 
 @pytest.fixture(scope="module")
