@@ -314,6 +314,17 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_model_state(model: nn.Module) -> dict:
+    """The model's state as whole tensors, without the optimizer's (the final weights: gathering AdamW's two
+    moments too would move and hold 2x the model's bytes for nothing). FSDP2: every rank takes part, rank 0
+    receives full CPU tensors."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Inverse of `full_state`; under FSDP2 each rank keeps its shard of the full tensors."""
     if not is_sharded(model):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from scaletrain.config import ActivationCheckpointing, ParallelMode, Precision, TrainConfig
 from scaletrain.distributed import DistEnv
@@ -95,7 +95,7 @@ def apply_block_forward(block: nn.Module, ac: ActivationCheckpointing, compile: 
     eager = block.forward  # the class's forward, bound to this block
     train_forward: Callable[[torch.Tensor], Any] = eager
     if ac == ActivationCheckpointing.full:
-        train_forward = functools.partial(_checkpointed, eager, noop_context_fn)
+        train_forward = functools.partial(_checkpointed, eager, None)
     elif ac == ActivationCheckpointing.selective:
         train_forward = functools.partial(_checkpointed, eager, SELECTIVE)
     if compile:
@@ -108,9 +108,14 @@ def apply_block_forward(block: nn.Module, ac: ActivationCheckpointing, compile: 
     block.forward = forward
 
 
-def _checkpointed(fn: Callable, context_fn: Callable, x_BTD: torch.Tensor) -> Any:
+def _checkpointed(fn: Callable, context_fn: Callable | None, x_BTD: torch.Tensor) -> Any:
     """fn(x) under non-reentrant checkpointing: the RNG state is restored for the recompute, so dropout draws
-    the same masks and the global stream afterwards is the one without checkpointing."""
+    the same masks and the global stream afterwards is the one without checkpointing. Full checkpointing
+    (`context_fn` None) passes no context_fn at all: torch.compile traces checkpoint only with a policy it can
+    inline, and `noop_context_fn` (the default) named explicitly made dynamo fail ("checkpoint not implemented
+    for SkipFunctionVariable context_fn")."""
+    if context_fn is None:
+        return checkpoint(fn, x_BTD, use_reentrant=False, preserve_rng_state=True)
     return checkpoint(fn, x_BTD, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn)
 
 

@@ -434,7 +434,7 @@ class Trainer:
 
     def save_final_weights(self) -> None:
         """model.pt: the final weights with step and config, checksummed (every rank calls this: FSDP2 gathers)."""
-        model_sd, _ = distributed.full_state(self.model, self.optimizer)
+        model_sd = distributed.full_model_state(self.model)  # no optimizer: model.pt does not keep it
         if self.dist.is_main:
             state = {"model": model_sd, "step": self.step, "config": to_dict(self.cfg)}
             ckpt.save_weights(self.run_dir / records.MODEL_FILE, state)
