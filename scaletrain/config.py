@@ -961,6 +961,7 @@ class TrainConfig:
     RULES: ClassVar[dict[str, Rule]] = {
         **dict.fromkeys(("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"), POSITIVE),
         **dict.fromkeys(("eval_answer_tokens", "dry_run_gpus", "dry_run_gpu_mem_gb", "matmul_peak_tflops"), POSITIVE),
+        "dist_timeout_s": POSITIVE,
         **dict.fromkeys(("eval_every", "ckpt_every", "sample_count", "eval_problems", "sample_tokens"), OFF_AT_0),
         "ckpt_keep": Rule(lo=0, note="(0 = keep all)"),
         "sample_top_k": Rule(lo=0, note="(0 = every token)"),
@@ -1002,6 +1003,9 @@ class TrainConfig:
     matmul_peak_tflops: float | None = None  # override the peak used for MFU
     measure_cpu_peak: bool = placement(True)  # on CPU, time a matmul at start-up to get a peak for MFU
     cpu_malloc_cache: bool = placement(True)  # on CPU, glibc malloc keeps freed memory (hardware.configure_cpu_malloc)
+    # with several ranks: how long a collective waits for a peer (one that died or hangs) before the job fails
+    # instead of hanging; longer than any checkpoint save (each rank writes and checksums only its share)
+    dist_timeout_s: float = placement(1800.0)
     # size the run instead of training it (scaletrain/sizing.py, docs/sizing.md): parameters, FLOPs, per-GPU
     # memory on dry_run_gpus GPUs of dry_run_gpu_mem_gb each; no weights are allocated, no data is read
     dry_run: bool = False

@@ -28,6 +28,7 @@ files (checkpoint.py), launcher settings (conf/cluster/*.yaml).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import gc
 import logging
@@ -220,28 +221,33 @@ def _hydra_job_num() -> int:
     return int(HydraConfig.get().job.num) if HydraConfig.initialized() else 0
 
 
-def setup_rank(env: DistEnv, base: torch.device, run_dir: Path, parallel_jobs: int | None) -> tuple[torch.device, Path]:
+def setup_rank(
+    env: DistEnv, base: torch.device, run_dir: Path, parallel_jobs: int | None, timeout_s: float | None = None
+) -> tuple[torch.device, Path]:
     """What a rank does before building anything: wait for its GPU slot (submitit_local sweeps), pick its
-    device, join the process group, go quiet unless rank 0. Returns (device, rank 0's run directory)."""
+    device, join the process group (collectives time out after `timeout_s`: train.dist_timeout_s), go quiet
+    unless rank 0. Returns (device, rank 0's run directory)."""
     first = 0
     if env.launcher == "submitit-local":
         slots = local_slots(parallel_jobs, env.local_world_size, base)
         first = claim_local_slot(env, _hydra_job_num(), slots, Path(run_dir).parent / ".slots")
     device = rank_device(base, env, first)
-    init_process_group(env, device)
+    init_process_group(env, device, timeout_s)
     quiet_non_main(env)
     return device, Path(broadcast_object(str(run_dir)))
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """NCCL on GPUs, gloo on CPU; nothing to do for one process."""
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> None:
+    """NCCL on GPUs, gloo on CPU; nothing to do for one process. `timeout_s`: how long a collective may wait for
+    a peer (a rank that died or hangs) before the job fails instead of hanging; None: torch's default."""
     if env.world_size == 1 or dist.is_initialized():
         return
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size, device_id=device)
+        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size, device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def destroy_process_group() -> None:

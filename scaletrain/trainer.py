@@ -165,7 +165,11 @@ class Trainer:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.dist = distributed.detect_env()  # before pick_device: a submitit_local job may re-expose its GPUs
         device, run_dir = distributed.setup_rank(
-            self.dist, hardware.pick_device(self.tc.device), Path(run_dir), cfg.cluster.parallel_jobs
+            self.dist,
+            hardware.pick_device(self.tc.device),
+            Path(run_dir),
+            cfg.cluster.parallel_jobs,
+            self.tc.dist_timeout_s,
         )
         check_resources(cfg, device, self.dist)  # one line if it cannot fit here, before data and model setup
         self.progress = TrainProgress()  # the clocks start here, once the run holds its slot

@@ -58,6 +58,21 @@ def clean_env(monkeypatch):
     os.environ.update(saved)
 
 
+def test_train_dist_timeout_s_is_the_process_groups_timeout(monkeypatch):
+    """Every collective of a job waits at most train.dist_timeout_s for a peer (then the job fails, not hangs)."""
+    import datetime
+
+    seen = {}
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    cfg = load_config(compose_cfg(["train.dist_timeout_s=90"]))
+    D.init_process_group(D.DistEnv(1, 2, 1, 2, "torchrun"), torch.device("cpu"), cfg.train.dist_timeout_s)
+    assert seen == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": datetime.timedelta(seconds=90)}
+    assert load_config(compose_cfg([])).train.dist_timeout_s == 1800.0  # the documented default
+    with pytest.raises(ConfigError, match=r"train\.dist_timeout_s"):
+        load_config(compose_cfg(["train.dist_timeout_s=0"]))
+
+
 def test_a_plain_process_is_a_single_rank(clean_env):
     env = D.detect_env()
     assert (env.rank, env.world_size, env.launcher, env.is_main) == (0, 1, "none", True)

@@ -74,7 +74,8 @@ def old_role(key: str) -> Resume:
 
 # Where the roles differ from the lists on purpose: the optimizer's builder is its kind, as optim.name (the list
 # predates optim._target_ and let it apply; a checkpoint from before it exists counts at its implied value).
-DELIBERATE = {"optim._target_": Resume.identity}
+# Keys added after the lists: the process-group timeout is where/how a run executes, free to change.
+DELIBERATE = {"optim._target_": Resume.identity, "train.dist_timeout_s": Resume.placement}
 
 CONFIGS = [[], ["optim=muon"], ["model=moe_8x"], ["data=mixture"], ["experiment=reasoning_mixture"]]
 
