@@ -26,7 +26,9 @@ python3 -m venv "$work/venv"
 pip install --quiet torch==2.13.0  # the local CPU wheel first (any other pin pulls CUDA)
 pip wheel --quiet --no-deps -w "$work/dist" "$repo" "$repo/examples/scaletrain_lion"
 ls "$work/dist"
-unzip -l "$work"/dist/scaletrain-*.whl | grep -q "scaletrain/conf/config.yaml" || { echo "no configs in the wheel"; exit 1; }
+# unzip with a name lists only that entry and fails without it (no `| grep -q`: under pipefail its early exit
+# kills unzip with SIGPIPE, a false "missing" once the listing outgrows one stdio buffer)
+unzip -Z1 "$work"/dist/scaletrain-*.whl "scaletrain/conf/config.yaml" > /dev/null || { echo "no configs in the wheel"; exit 1; }
 pip install --quiet "$work"/dist/*.whl pytest
 
 mkdir "$work/user" && cd "$work/user"  # an empty folder: no clone, no conf/ beside it

@@ -163,7 +163,7 @@ EOF
 
 moe_layer() {  # (c6) python -m scaletrain.bench_moe where it can time CUDA, else the inline version
   set -o pipefail
-  if "$PY" -m scaletrain.bench_moe --help 2>/dev/null | grep -q -- "--device"; then
+  if "$PY" -m scaletrain.bench_moe --help 2>/dev/null | grep -- "--device" > /dev/null; then  # not -q: it would exit early (SIGPIPE under pipefail)
     for tokens in 4096 32768; do
       "$PY" -m scaletrain.bench_moe --device cuda --dtypes bf16 --impls loop,grouped --tokens "$tokens" --repeats 10 |
         tee "$WORK/bench_moe_$tokens.txt" || return 1
