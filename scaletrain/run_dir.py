@@ -53,12 +53,10 @@ class RunFolder:
             yield
 
     def remove_write_leftovers(self) -> None:
-        """The temporary files of `records.atomic_write`s killed midway, anywhere in the folder (status.json,
-        model.pt, checkpoints, ...): nobody else writes here while this process holds the lease."""
-        saves = self.path / records.CKPT_DIR
-        for path in sorted(self.path.rglob(".*.tmp")):
-            if path.parent == saves and path.name.startswith(".step_"):
-                continue  # a checkpoint save's: `remove_save_leftovers` names it as such
+        """The temporary files of `records.atomic_write`s killed midway beside the run's records (status.json,
+        model.pt, summary.json, ...: every record sits at the folder's top level; checkpoints/ has its own clean-up,
+        `remove_save_leftovers`): nobody else writes here while this process holds the lease."""
+        for path in sorted(self.path.glob(".*.tmp")):
             if path.is_file() and records.ATOMIC_TMP.match(path.name):
                 path.unlink(missing_ok=True)
                 log.warning("removed %s: left by a write that did not finish", path)
