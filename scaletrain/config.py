@@ -969,6 +969,10 @@ class TrainConfig:
         "grad_clip": Rule(lo=0, note="(0 disables clipping)"),
         "sample_temperature": Rule(lo=0, note="(0 = greedy)"),
         "resume": Rule(path=True, note="(none | auto | PATH)"),
+        "eval_tasks_every": Rule(lo=0, note="(0 = at the end only)"),
+        **dict.fromkeys(("eval_tasks_limit", "eval_tasks_max_gen_toks"), POSITIVE),
+        "eval_tasks_fewshot": NON_NEGATIVE,
+        "eval_tasks_data": PATH,
     }
     name: str = "default"
     seed: int = identity(1337)  # the data order (and the initial weights)
@@ -997,6 +1001,18 @@ class TrainConfig:
     # eval_problems validation problems, answered greedily in at most eval_answer_tokens tokens. 0 = off
     eval_problems: int = 64
     eval_answer_tokens: int = 96
+    # lm-evaluation-harness tasks in the loop (scaletrain.harness; pip install 'scaletrain[eval]'): harness task
+    # names, scaletrain's local_* tasks or task YAML paths, every eval_tasks_every steps (0: at the end only) and
+    # at the end, on the first eval_tasks_limit documents of each (null: all), split over the ranks; logged as
+    # downstream/<task>/<metric> (+ _stderr) and kept in summary.json. eval_tasks_data: the local tasks' data
+    # folders (gsm8k_dir, tinystories_dir; +train.eval_tasks_data.<key>=... adds one for a task YAML of your own);
+    # eval_tasks_max_gen_toks: caps a generative task's new tokens
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0
+    eval_tasks_limit: int | None = 100
+    eval_tasks_fewshot: int | None = None
+    eval_tasks_max_gen_toks: int | None = None
+    eval_tasks_data: dict[str, str | None] = placement(factory=lambda: {"gsm8k_dir": None, "tinystories_dir": None})
     sample_tokens: int = 120
     sample_temperature: float = 0.8
     sample_top_k: int = 50
@@ -1024,6 +1040,14 @@ class TrainConfig:
             f"expected auto | cpu | cuda | cuda:N | mps, got {_show(dev)}"
             + suggest(dev, ["auto", "cpu", "cuda", "mps"]),
         )
+        if self.eval_tasks:
+            import importlib.util
+
+            _check(
+                importlib.util.find_spec("lm_eval") is not None,
+                "train.eval_tasks",
+                "needs lm-evaluation-harness, which is not installed: pip install 'scaletrain[eval]'",
+            )
         modes = [m.value for m in ActivationCheckpointing]
         _check(
             self.ac in modes,  # OmegaConf checks this at compose time; a TrainConfig built in Python is checked here

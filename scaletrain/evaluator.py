@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain import records
-from scaletrain.config import Config
+from scaletrain.config import Config, ConfigError
 from scaletrain.data import EvalProblem, PreparedData, Tokenizer, eval_batches, synthetic
 from scaletrain.generate import complete, generate
 from scaletrain.model import Transformer
@@ -112,6 +112,53 @@ def sample(model: Transformer, data: PreparedData, cfg: Config, device: torch.de
             row = row[: prompt.shape[1] + row[prompt.shape[1] :].index(data.tokenizer.eot_id)]
         texts.append(data.tokenizer.decode(row))
     return texts
+
+
+class Downstream:
+    """lm-evaluation-harness tasks in the loop (`train.eval_tasks`): loaded once (a task that cannot load stops
+    the run at its start), run on their cadence and at the last step, each rank scoring its share of the
+    documents (the harness splits them; rank 0 aggregates, every rank gets the numbers). Logged as
+    downstream/<task>/<metric> (+ `_stderr`); the last result goes into summary.json."""
+
+    BOOTSTRAP_ITERS = 1000  # perplexity-type stderrs: 1000 resamples in process (the harness's CLI: 100,000)
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, cfg: Config, autocast):
+        from scaletrain import harness
+
+        t = cfg.train
+        self.every, self.limit, self.fewshot = t.eval_tasks_every, t.eval_tasks_limit, t.eval_tasks_fewshot
+        self.gen_kwargs = {"max_gen_toks": t.eval_tasks_max_gen_toks} if t.eval_tasks_max_gen_toks else None
+        self.tasks = harness.load_tasks(list(t.eval_tasks), {k: v for k, v in t.eval_tasks_data.items() if v})
+        self.lm = harness.ScaletrainLM(model, tokenizer, "auto", autocast, seed=t.seed)
+        if t.eval_tasks_max_gen_toks and t.eval_tasks_max_gen_toks >= self.lm.max_length:
+            raise ConfigError(
+                f"train.eval_tasks_max_gen_toks: {t.eval_tasks_max_gen_toks} new tokens leave no room for a prompt in "
+                f"the model's context of {self.lm.max_length} tokens"
+            )
+        self.seed = t.seed
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.every and step % self.every == 0)
+
+    def __call__(self, step: int, logger) -> dict[str, float]:
+        from scaletrain import harness
+
+        _, flat = harness.run_tasks(
+            self.lm,
+            self.tasks,
+            self.limit,
+            self.fewshot,
+            seed=self.seed,
+            gen_kwargs=self.gen_kwargs,
+            bootstrap_iters=self.BOOTSTRAP_ITERS,
+            bootstrap_processes=False,
+        )
+        logger.log(step, flat)
+        shown = ", ".join(
+            f"{k.removeprefix('downstream/')} {v:.4g}" for k, v in flat.items() if not k.endswith("_stderr")
+        )
+        log.info("step %d: downstream %s", step, shown)
+        return flat
 
 
 class Evaluator:

@@ -56,6 +56,7 @@ def complete(
     stop_token: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    lockstep: bool = False,
 ) -> list[list[int]]:
     """Continue prompts of any lengths in one batch -> each row's new tokens, cut before its stop token.
 
@@ -67,7 +68,9 @@ def complete(
     reach max_seq_len (the RoPE table and the trained context end there); a prompt longer than
     max_seq_len is an error (cutting it would silently change the question). use_cache=False recomputes
     every position at every step: the reference the cache is tested against. Runs in the model's
-    current mode (call .eval(): dropout). MoE layers route dropless here (`_dropless`).
+    current mode (call .eval(): dropout). MoE layers route dropless here (`_dropless`). lockstep: every rank
+    of the default process group decodes the same number of steps (until every row of every rank is done),
+    as FSDP2 needs when ranks complete different prompts (rank-split evaluation).
     """
     rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
     lengths = [len(r) for r in rows]
@@ -81,7 +84,7 @@ def complete(
     idx_BT = torch.tensor([[0] * (P - n) + r for r, n in zip(rows, lengths)], device=device)  # 0: any id
     budget_B = torch.tensor([max(0, min(max_new_tokens, model.max_seq_len - n)) for n in lengths], device=device)
     sampler = _sampler(temperature, top_k, generator)
-    new_BT = _decode(model, idx_BT, pad_B, budget_B, sampler, stop_token, use_cache)
+    new_BT = _decode(model, idx_BT, pad_B, budget_B, sampler, stop_token, use_cache, lockstep)
     out = []
     for row, budget in zip(new_BT.tolist(), budget_B.tolist()):
         row = row[:budget]
@@ -122,11 +125,15 @@ def _decode(
     sampler: Callable[[torch.Tensor], torch.Tensor],
     stop_token: int | None,
     use_cache: bool,
+    lockstep: bool = False,
 ) -> torch.Tensor:
     """The loop behind `complete` and `generate` -> new tokens [B, n], n = steps until every row is done
-    (stop token or budget). Done rows stay in the batch (static shapes) and are fed stop_token."""
+    (stop token or budget). Done rows stay in the batch (static shapes) and are fed stop_token. lockstep:
+    the step count and "every row done" are agreed over the default process group (one all-reduce each)."""
     B, T = idx_BT.shape
     steps, padded = int(budget_B.max()), bool(pad_B.any())
+    if lockstep:
+        steps = _agree(steps, torch.distributed.ReduceOp.MAX, idx_BT.device)
     cache, dtype = None, model.tok_emb.weight.dtype
     if torch.is_autocast_enabled(idx_BT.device.type):
         dtype = torch.get_autocast_dtype(idx_BT.device.type)
@@ -150,11 +157,23 @@ def _decode(
                 done_B = done_B | (next_B == stop_token)
             new.append(next_B)
             done_B = done_B | (budget_B <= t + 1)
-            if bool(done_B.all()):
+            all_done = bool(done_B.all())
+            if lockstep:
+                all_done = bool(_agree(int(all_done), torch.distributed.ReduceOp.MIN, idx_BT.device))
+            if all_done:
                 break
             input_BT = next_B[:, None]
             seq_BT = torch.cat((seq_BT, input_BT), dim=1)
     return torch.stack(new, dim=1) if new else idx_BT.new_zeros(B, 0)
+
+
+def _agree(value: int, op, device: torch.device) -> int:
+    """`value` reduced with `op` over the default process group (itself without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(t, op=op)
+    return int(t)
 
 
 @contextlib.contextmanager

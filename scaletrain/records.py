@@ -94,6 +94,24 @@ def source_metric(source: str, what: str) -> str:
     return f"val/{source}/{what}"
 
 
+# lm-evaluation-harness results (scaletrain.harness): downstream/<task>/<metric>, /<filter> appended unless the
+# harness's filter is "none", and the harness's standard error of each as <key>_stderr
+DOWNSTREAM = "downstream/"
+STDERR = "_stderr"
+# the harness's metrics where lower is better (its registry marks every other one, acc, exact_match, f1, ..., higher)
+DOWNSTREAM_LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def downstream_metric(task: str, metric: str, filt: str = "none") -> str:
+    return f"{DOWNSTREAM}{task}/{metric}" + ("" if filt == "none" else f"/{filt}")
+
+
+def downstream_higher_is_better(key: str) -> bool:
+    """The direction of a downstream/... key (its `_stderr` too): the harness's for its metric."""
+    parts = key.split("/")
+    return (parts[2] if len(parts) > 2 else "").removesuffix(STDERR) not in DOWNSTREAM_LOWER_IS_BETTER
+
+
 # ----------------------------------------------------------------------------------------------------
 # Atomic writes
 
@@ -246,6 +264,8 @@ class Summary:
     wandb_id: str | None
     # every final validation metric as metrics.jsonl names it: val/loss, val/<source>/exact_match, ...
     val: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    # every final lm-evaluation-harness metric: downstream/<task>/<metric>[/<filter>], each with its <key>_stderr
+    downstream: dict[str, float | None] = dataclasses.field(default_factory=dict)
     # Newton-Schulz FLOPs of Muon over the run (0 for AdamW; model FLOPs are `flops`); None: written before it was
     optimizer_flops: float | None = None
     cpu_s: float | None = None  # CPU seconds of the (rank-0) training process, all threads, over every attempt
@@ -256,8 +276,8 @@ class Summary:
 
     @classmethod
     def numeric_fields(cls) -> tuple[str, ...]:
-        """The fields that hold a number (all but run_name, wandb_id and val): what a report can average over
-        seeds and compare, and so what a summary field named at run time (a report metric) may be."""
+        """The fields that hold a number (all but run_name, wandb_id, val and downstream): what a report can average
+        over seeds and compare, and so what a summary field named at run time (a report metric) may be."""
         hints = typing.get_type_hints(cls)
         return tuple(name for name in cls.fields() if hints[name] in (int, float, float | None))
 
@@ -275,15 +295,16 @@ class Summary:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """One level: every field but `val` in field order, then val's metrics under their own keys (runs.csv)."""
-        return {**{k: v for k, v in self.to_dict().items() if not isinstance(v, dict)}, **self.val}
+        """One level: every field but the dicts in field order, then val's and downstream's metrics under their own
+        keys (runs.csv)."""
+        return {**{k: v for k, v in self.to_dict().items() if not isinstance(v, dict)}, **self.val, **self.downstream}
 
     @classmethod
     def from_dict(cls, d: Any) -> Summary:
         """Unknown keys are ignored (a newer writer); a missing field is a ValueError naming it."""
         if not isinstance(d, dict):
             raise ValueError(f"a summary is a JSON object; got {type(d).__name__}")
-        # fields with a default (val, optimizer_flops, cpu_s) came later: a summary written before them still reads
+        # fields with a default (val, downstream, optimizer_flops, cpu_s) came later: older summaries still read
         required = [
             f.name
             for f in dataclasses.fields(cls)

@@ -14,7 +14,8 @@ report's extra metrics. Phases, each a Hydra multirun of `python -m scaletrain.r
             whose measured seconds equal the reference arm's. Every arm is then tuned and evaluated at its own
             length, each run fully decayed (the budget is frozen into study.json);
   1. tune   per arm (in inheritance order): its grid on `study.tune_seed`, every run fully decayed, chosen by the
-            final value of `study.select`; a best point at an edge of the grid adds the next point past it
+            final value of `study.select` (a summary field, a val/... or a downstream/... key, in its own direction:
+            report.collect.higher_is_better); a best point at an edge of the grid adds the next point past it
             (`study.max_widen` times at most);
   2. eval   every arm at its tuned values on `study.seeds` (a seed fixes the data order in every arm: paired);
   3. report tuning.md (each arm's grid and choice, plot) and the report of the evaluation runs (per-seed results,
@@ -268,7 +269,7 @@ class Study:
     def tune(self, name: str, inherited: dict[str, float], own: list[str]) -> Tuning:
         """The arm's best value of its tuned key and every grid point's selection metric (`own`: the arm's
         overrides, its budget included)."""
-        from scaletrain.report.collect import higher_is_better
+        from scaletrain.report.collect import Metric, check_metrics, collect_jobs, higher_is_better
 
         arm = self.study.arms[name]
         assert arm.tune is not None
@@ -284,7 +285,8 @@ class Study:
                 return Tuning(arm.tune, grid[len(grid) // 2], {}, False)
             results = {v: self.final(phase.folders[fmt(v)], self.study.select) for v in grid}
             scored = {v: sign * r for v, r in results.items() if r is not None and math.isfinite(r)}
-            if not scored:
+            if not scored:  # a misspelt val/... or downstream/... key is known only now: name the nearest recorded
+                check_metrics([Metric.parse(self.study.select)], collect_jobs(phase.sweep_dir))
                 raise StudyError(f"no run of {self.root / f'tune_{name}'} has a finite {self.study.select}")
             best = min(scored, key=scored.__getitem__)
             edge = best in (grid[0], grid[-1])

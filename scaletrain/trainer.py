@@ -57,7 +57,7 @@ from scaletrain import distributed, hardware, records
 from scaletrain.build import build
 from scaletrain.config import BadInput, CkptFormat, Config, Precision, TrainConfig, load_config, to_dict
 from scaletrain.cost import step_flops
-from scaletrain.evaluator import Evaluator
+from scaletrain.evaluator import Downstream, Evaluator
 from scaletrain.metrics import MetricsLogger
 from scaletrain.moe import moe_layers, moe_metrics, update_moe_biases
 from scaletrain.records import RunState, Summary
@@ -185,6 +185,9 @@ class Trainer:
         self.device, self.model, self.optimizer = c.device, c.model, c.optimizer
         self.scheduler, self.loader, self.autocast = c.scheduler, c.loader, c.autocast
         self.evaluator = Evaluator(self.model, data, cfg, self.device, self.autocast, self.dist.world_size)
+        # lm-evaluation-harness tasks (train.eval_tasks): loaded here, so a task that cannot load stops the start
+        self.downstream = Downstream(self.model, data.tokenizer, cfg, self.autocast) if self.tc.eval_tasks else None
+        self.downstream_last: dict[str, float] = {}
         self.checkpointer = ckpt.Checkpointer(
             self.folder.path,
             self.model,
@@ -405,6 +408,9 @@ class Trainer:
                 if (tc.eval_every and self.step % tc.eval_every == 0) or last:
                     val = self.evaluate()
                     t_window, steps_in_window = time.perf_counter(), 0  # eval time is not training throughput
+                if self.downstream is not None and self.downstream.due(self.step, last):
+                    self.downstream_last = self.downstream(self.step, self.logger)
+                    t_window, steps_in_window = time.perf_counter(), 0
                 saved = bool(tc.ckpt_every and self.step % tc.ckpt_every == 0) or last
                 if saved:
                     self.save()
@@ -413,6 +419,8 @@ class Trainer:
         bar.close()
         if not val:  # resumed a run that had already finished: evaluate once more for the summary
             val = self.evaluate()
+            if self.downstream is not None:
+                self.downstream_last = self.downstream(self.step, self.logger)
         return self.finish(val)
 
     def report_progress(self, bar: tqdm, m: dict) -> None:
@@ -461,6 +469,7 @@ class Trainer:
             run_name=self.run_name,
             wandb_id=self.logger.wandb_id,
             val={k: v for k, v in val.items() if k.startswith("val/")},
+            downstream=dict(self.downstream_last),
             optimizer_flops=self.step_cost.optimizer * p.step,
             cpu_s=p.cpu_time(),
         )

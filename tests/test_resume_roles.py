@@ -74,8 +74,14 @@ def old_role(key: str) -> Resume:
 
 # Where the roles differ from the lists on purpose: the optimizer's builder is its kind, as optim.name (the list
 # predates optim._target_ and let it apply; a checkpoint from before it exists counts at its implied value).
-# Keys added after the lists: the process-group timeout is where/how a run executes, free to change.
-DELIBERATE = {"optim._target_": Resume.identity, "train.dist_timeout_s": Resume.placement}
+# Keys added after the lists: the process-group timeout is where/how a run executes, free to change; so are the
+# folders the downstream tasks read their data from (the tasks and their settings are hyperparameters).
+DELIBERATE = {
+    "optim._target_": Resume.identity,
+    "train.dist_timeout_s": Resume.placement,
+    "train.eval_tasks_data.gsm8k_dir": Resume.placement,
+    "train.eval_tasks_data.tinystories_dir": Resume.placement,
+}
 
 CONFIGS = [[], ["optim=muon"], ["model=moe_8x"], ["data=mixture"], ["experiment=reasoning_mixture"]]
 

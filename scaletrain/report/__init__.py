@@ -5,6 +5,7 @@ Usage:
     python -m scaletrain.report multirun/2026-01-02/10-11-12        # one Hydra sweep directory
     python -m scaletrain.report --experiment dense_vs_moe [--root multirun]   # its latest sweep
     python -m scaletrain.report SWEEP --metric 'val/reasoning/exact_match>=0.3' --out experiments/003_x
+    python -m scaletrain.report SWEEP --metric downstream/local_tinystories_cloze/acc   # an lm-eval task's metric
     python -m scaletrain.report experiments/003_x                    # rebuilt from committed runs.json
     python -m scaletrain.report --check experiments/003_x            # do report.md's verdicts match its data?
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from scaletrain import records
 from scaletrain.report import render
 from scaletrain.report.collect import (
+    LOGGED,
     SEED_KEYS,
     SUMMARY_STATS,
     Arm,
@@ -137,7 +139,7 @@ def _budget_metrics(arms: list[Arm], metrics: list[Metric]) -> list[Metric]:
         if len(arms) < 2 or not jobs or any(t is None for t in totals):
             continue
         budget = min(t for t in totals if t is not None)
-        out += [Metric(m.key, at=axis, budget=budget) for m in metrics if m.target is None and m.key.startswith("val/")]
+        out += [Metric(m.key, at=axis, budget=budget) for m in metrics if m.target is None and m.key.startswith(LOGGED)]
     return out
 
 
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "--metric",
         action="append",
         default=[],
-        help="also compare on this metric (repeatable): a summary field, a val/... key, or a target such as "
+        help="also compare on this metric (repeatable): a summary field, a val/... or downstream/... key (a "
+        "downstream metric's table cell adds the task's own stderr), or a target such as "
         "'val/reasoning/exact_match>=0.3' (tokens to reach it). val/loss and exact-match metrics always are",
     )
     parser.add_argument("--out", help="write report.md, plots and per-seed results here (default: the sweep)")

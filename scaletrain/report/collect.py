@@ -49,6 +49,10 @@ _SUMMARY_OF_METRIC: dict[str, Callable[[Summary], float]] = {
     records.VAL_LOSS: lambda s: s.val_loss,
     records.VAL_BPB: lambda s: s.val_bpb,
 }
+# lm-evaluation-harness metrics (Summary.downstream): downstream/<task>/<metric>[/<filter>], each with <key>_stderr.
+# Its direction is scaletrain.harness's rule, repeated here: the report must not import lm_eval (an optional extra)
+DOWNSTREAM, STDERR = records.DOWNSTREAM, records.STDERR
+LOGGED = ("val/", DOWNSTREAM)  # the prefixes of the final metrics a job records by name (summary dicts, curves)
 
 
 class MetricError(BadInput, ValueError):
@@ -64,9 +68,9 @@ class MetricError(BadInput, ValueError):
 
 @dataclass(frozen=True)
 class Metric:
-    """A final value per job: a `records.Summary` field (val_loss, flops, ...), a validation metric as
-    metrics.jsonl names it (val/loss, val/<source>/exact_match), or, with `target`, the tokens a job took to
-    first reach `target` of that validation metric (interpolated between evaluations; None if never)."""
+    """A final value per job: a `records.Summary` field (val_loss, flops, ...), a validation or downstream metric
+    as metrics.jsonl names it (val/loss, val/<source>/exact_match, downstream/<task>/acc), or, with `target`, the
+    tokens a job took to first reach `target` of that metric (interpolated between evaluations; None if never)."""
 
     key: str
     target: float | None = None
@@ -75,14 +79,15 @@ class Metric:
 
     def __post_init__(self) -> None:
         """A key that is neither a numeric summary field nor a logged metric is a typo: one error naming the nearest
-        valid name, rather than a column of '—' (whether a val/... key exists is known only from the jobs:
-        `check_metrics`)."""
-        if self.key in SUMMARY_STATS or self.key.startswith("val/") or self.key == records.TRAIN_LOSS:
+        valid name, rather than a column of '—' (whether a val/... or downstream/... key exists is known only from
+        the jobs: `check_metrics`)."""
+        if self.key in SUMMARY_STATS or self.key.startswith(LOGGED) or self.key == records.TRAIN_LOSS:
             return
         options = [*SUMMARY_STATS, *_SUMMARY_OF_METRIC]
         raise MetricError(
             f"metric {self.key!r}: no such summary field or metric{suggest(self.key, options)}; a metric is a "
-            f"numeric summary field ({', '.join(SUMMARY_STATS)}) or a val/... key as metrics.jsonl names it"
+            f"numeric summary field ({', '.join(SUMMARY_STATS)}) or a val/... or downstream/... key as metrics.jsonl "
+            "names it"
         )
 
     @classmethod
@@ -126,21 +131,30 @@ class Metric:
 
 def check_metrics(metrics: list[Metric], jobs: list[Job]) -> None:
     """MetricError for a metric whose key no job records, where some job has validation records to tell (a sweep
-    that has evaluated nothing yet cannot): a misspelt val/... key names the nearest one the jobs have."""
+    that has evaluated nothing yet cannot): a misspelt val/... or downstream/... key names the nearest one the jobs
+    have. Downstream tasks run less often than validation: a downstream key is checked once some job has recorded
+    one or has finished (its summary holds every downstream metric it will have)."""
     known = {k for j in jobs for k in j.curves}
-    known |= {k for j in jobs if j.summary is not None for k in (*j.summary.val, *_SUMMARY_OF_METRIC)}
+    summaries = [j.summary for j in jobs if j.summary is not None]
+    known |= {k for s in summaries for k in (*s.val, *s.downstream, *_SUMMARY_OF_METRIC)}
     if not any(k.startswith("val/") for k in known):
         return
+    downstream_known = bool(summaries) or any(k.startswith(DOWNSTREAM) for k in known)
     for m in metrics:
-        if m.key not in SUMMARY_STATS and m.key not in known:
-            have = sorted(k for k in known if k.startswith("val/"))
-            raise MetricError(
-                f"metric {m.text!r}: no job records {m.key}{suggest(m.key, have)}; the jobs have: {', '.join(have)}"
-            )
+        if m.key in SUMMARY_STATS or m.key in known or (m.key.startswith(DOWNSTREAM) and not downstream_known):
+            continue
+        have = sorted(k for k in known if k.startswith(LOGGED) and not k.endswith(STDERR))
+        raise MetricError(
+            f"metric {m.text!r}: no job records {m.key}{suggest(m.key, have)}; the jobs have: {', '.join(have)}"
+        )
 
 
 def higher_is_better(key: str) -> bool:
-    """Accuracies improve upwards; losses, bits per byte, tokens, FLOPs and time downwards."""
+    """Accuracies improve upwards; losses, bits per byte, tokens, FLOPs and time downwards. A downstream metric
+    (downstream/<task>/<metric>[/<filter>][_stderr]) improves upwards unless it is a perplexity or bits per byte,
+    as lm-eval's registry marks them."""
+    if key.startswith(DOWNSTREAM):
+        return records.downstream_higher_is_better(key)
     return key.endswith(("exact_match", "accuracy"))
 
 
@@ -206,7 +220,7 @@ class Job:
     detail: str = ""
     summary: Summary | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    curves: dict[str, list[Point]] = field(default_factory=dict)  # every val/* metric, train/loss
+    curves: dict[str, list[Point]] = field(default_factory=dict)  # every val/* and downstream/* metric, train/loss
     moe_load: list[tuple[int, float]] = field(default_factory=list)  # (step, moe/load_max_over_mean)
     last_step: int | None = None
     label: str | None = None  # the arm's name where something names it (a study's arm, runs.json)
@@ -243,6 +257,8 @@ class Job:
             value = _SUMMARY_OF_METRIC[m.key](self.summary)
         elif m.key in SUMMARY_STATS:  # validated by Metric: a numeric field's name
             value = getattr(self.summary, m.key)
+        elif m.key.startswith(DOWNSTREAM):
+            value = self.summary.downstream.get(m.key)
         else:
             value = self.summary.val.get(m.key)
         return None if value is None else float(value)
@@ -285,10 +301,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _curves(metrics: list[dict[str, Any]], summary: Summary | None) -> tuple[dict, list, int | None]:
-    """Curves of every val/* metric and train/loss, the MoE load curve, the last step. Validation records carry
-    no token count, so tokens = step * tokens per step, taken from the summary or from any train record; the
-    seconds at a step add up the logged `perf/step_s` of the train records (each covers the steps since the
-    previous one)."""
+    """Curves of every val/* and downstream/* metric and train/loss, the MoE load curve, the last step. Evaluation
+    records carry no token count, so tokens = step * tokens per step, taken from the summary or from any train
+    record; the seconds at a step add up the logged `perf/step_s` of the train records (each covers the steps since
+    the previous one)."""
     step, tokens = records.STEP, records.TRAIN_TOKENS
     per_step = summary.tokens_seen / summary.step if summary and summary.step else None
     for r in metrics:
@@ -308,7 +324,7 @@ def _curves(metrics: list[dict[str, Any]], summary: Summary | None) -> tuple[dic
                 timed = False  # an older run without step times: no time axis
             last_train_step = at
         for key, value in r.items():
-            if (key.startswith("val/") or key == records.TRAIN_LOSS) and isinstance(value, int | float):
+            if (key.startswith(LOGGED) or key == records.TRAIN_LOSS) and isinstance(value, int | float):
                 point = Point(at, round(at * per_step), elapsed if timed else None, float(value))
                 curves.setdefault(key, []).append(point)
     moe = [(r[step], r[records.MOE_LOAD_MAX_OVER_MEAN]) for r in metrics if records.MOE_LOAD_MAX_OVER_MEAN in r]

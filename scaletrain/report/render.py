@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from scaletrain import records
 from scaletrain.report import stats
-from scaletrain.report.collect import SEED_KEYS, JobStatus, Metric, Stat
+from scaletrain.report.collect import DOWNSTREAM, SEED_KEYS, STDERR, Arm, JobStatus, Metric, Stat
 
 if TYPE_CHECKING:
     from scaletrain.report import Report
@@ -75,12 +75,23 @@ def header(r: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cell(r: Report, arm, metric: Metric) -> str:
+def task_stderr(arm: Arm, metric: Metric) -> Stat | None:
+    """A downstream metric's own standard error as the harness computed it (over the task's examples), per finished
+    seed that recorded it; None for other metrics and where no seed did. The seed spread beside it is another
+    noise: the training's."""
+    if metric.target is not None or metric.at is not None or not metric.key.startswith(DOWNSTREAM):
+        return None
+    stat = arm.stat(Metric(metric.key + STDERR))
+    return stat if stat.n else None
+
+
+def _cell(r: Report, arm: Arm, metric: Metric) -> str:
     stat = arm.stat(metric)
     if metric.target is not None:
         reached = f" ({stat.n}/{len(arm.finished)} reached)" if stat.n < len(arm.finished) else ""
         return (fmt_si(stat.mean) + (f" ± {fmt_si(stat.std)}" if stat.std is not None else "")) + reached
-    return fmt_pm(stat)
+    stderr = task_stderr(arm, metric)
+    return fmt_pm(stat) + (f" (task stderr {stderr.mean:.4f})" if stderr is not None else "")
 
 
 def arm_table(r: Report) -> str:
@@ -92,13 +103,20 @@ def arm_table(r: Report) -> str:
     head = ["arm", "seeds finished", "val loss", "val bpb", *(m.label for m in extra)]
     head += ["tokens", "model FLOPs", "optimizer FLOPs", "train time (s)", "CPU time (s)", "params total"]
     head += ["params active"]
+    stderr = any(task_stderr(a, m) is not None for a in r.arms for m in extra)
     rows = [
         "## Results per arm",
         "",
         "Finished seeds only: mean ± sample standard deviation (n - 1) over seeds; tokens, FLOPs and parameters are "
         "means. Model FLOPs: 6 x active parameters + attention, per token; optimizer FLOPs: Muon's Newton-Schulz "
         "iterations (0 for AdamW); train time: the training loop's wall clock, CPU time: the training process's "
-        "(rank 0, all threads), both over every attempt.",
+        "(rank 0, all threads), both over every attempt."
+        + (
+            " Task stderr: lm-evaluation-harness's own standard error of a downstream metric over the task's "
+            "examples, mean over the seeds (the ± beside it is the spread over seeds)."
+            if stderr
+            else ""
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -79,6 +79,9 @@ HARMLESS_WHEN_HUGE = {
     "train.max_steps",  # a long run: time, not memory (a signal or a time limit stops it, resumable)
     "train.eval_every", "train.ckpt_every", "train.ckpt_keep", "train.log_every", "train.max_nonfinite",  # never
     "train.sample_top_k",  # more than the vocabulary: every token
+    "train.eval_tasks_every", "train.eval_tasks_limit",  # never / every document
+    "train.eval_tasks_fewshot",  # more examples than fit: the harness's left-truncation keeps the question
+    "train.eval_tasks_max_gen_toks",  # with train.eval_tasks, refused at the run's start against the model's context
     "optim.schedule.warmup_steps", "moe.every", "data.tokenizer.max_train_bytes",  # more than there is: all of it
     "cluster.timeout_min", "cluster.max_requeues", "cluster.signal_delay_s",  # the scheduler's own limits apply
     "study.max_widen", "study.min_grid", "study.pace_steps",  # a study's budget (its own rules relate them)
