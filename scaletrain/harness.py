@@ -70,11 +70,11 @@ class TaskUnavailable(BadInput, RuntimeError):
 class ScaletrainLM(TemplateLM):
     """A scaletrain `Transformer` and its `Tokenizer` as an lm-eval language model.
 
-    batch_size: requests per forward, or "auto" (CUDA: the largest power of two up to 64 whose longest batch
-    runs without running out of memory, found once; CPU: the largest power of two up to 64 with at most 2^27
-    logits per forward). autocast: a context factory (the run's precision); None: fp32. Log-probabilities are
-    taken in fp32 whatever the compute dtype. `model` may be wrapped by DDP (its module is used) or sharded in
-    place by FSDP2 (called as is: its hooks gather the parameters).
+    batch_size: requests per forward, or "auto" (per sequence length: one CUDA process, the largest power of two
+    up to 64 whose longest batch runs without running out of memory; CPU or several ranks, the largest power of
+    two up to 64 with at most 2^27 logits per forward). autocast: a context factory (the run's precision); None:
+    fp32. Log-probabilities are taken in fp32 whatever the compute dtype. `model` may be wrapped by DDP (its
+    module is used) or sharded in place by FSDP2 (called as is: its hooks gather the parameters).
     """
 
     def __init__(
@@ -107,6 +107,7 @@ class ScaletrainLM(TemplateLM):
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise BadInput(f"batch_size: expected a positive integer or 'auto', got {batch_size!r}")
         self._batch: int | None = None if batch_size == "auto" else int(batch_size)
+        self._auto: dict[int, int] = {}  # "auto": sequence length -> batch size
 
     # -- what the harness asks of a TemplateLM --------------------------------------------------------------------
     @property
@@ -154,16 +155,23 @@ class ScaletrainLM(TemplateLM):
             self.module.train(was_training)
 
     def _batch_for(self, longest: int) -> int:
-        """The batch size for requests up to `longest` tokens: the given one, or "auto"'s (same on every rank)."""
-        if self._batch is None:
-            self._batch = self._all_ranks(self._auto_batch(longest), "min")
-            log.info("lm-eval: batch size %d (auto, %s)", self._batch, self._device.type)
-        return self._batch
+        """The batch size for requests up to `longest` tokens: the given one, or "auto"'s for that length (found
+        once per length; the same on every rank: `longest` is over all requests, which every rank holds)."""
+        if self._batch is not None:
+            return self._batch
+        T = max(1, min(longest, self.max_length))
+        if T not in self._auto:
+            self._auto[T] = self._all_ranks(self._auto_batch(T), "min")
+            log.info("lm-eval: batch size %d for %d tokens (auto, %s)", self._auto[T], T, self._device.type)
+        return self._auto[T]
 
-    def _auto_batch(self, longest: int) -> int:
-        T, V = max(1, min(longest, self.max_length)), self.transformer.vocab_size
-        if self._device.type != "cuda":
-            return max(1, min(AUTO_MAX_BATCH, 2 ** int(math.log2(max(1, CPU_LOGITS_BUDGET // (T * V))))))
+    def _auto_batch(self, T: int) -> int:
+        """CPU, or several ranks (a trial forward that runs out of memory on one rank would leave the others in
+        a collective): the largest power of two up to 64 with at most 2^27 logits per forward. One CUDA
+        process: the largest power of two up to 64 whose [B, T] forward and log-softmax fit."""
+        if self._device.type != "cuda" or self.shard_world > 1:
+            fits = CPU_LOGITS_BUDGET // (T * self.transformer.vocab_size)
+            return max(1, min(AUTO_MAX_BATCH, 2 ** int(math.log2(max(1, fits)))))
         B = AUTO_MAX_BATCH
         while B > 1:
             try:

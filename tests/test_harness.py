@@ -436,3 +436,15 @@ def test_the_speed_benchmark_times_both_backends_on_the_same_requests(tok, tmp_p
     assert bench_harness.main([*argv, "--task-data", f"tinystories_dir={TASK_DATA['tinystories_dir']}"]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "| loglikelihood " in line]
     assert [(r[1].strip(), int(r[3])) for r in rows] == [("scaletrain (in process)", 3), ("hf (export)", 3)]
+
+
+def test_auto_batch_size_on_cpu_keeps_a_forwards_logits_under_the_budget(tok):
+    """2^27 fp32 logits (512 MiB) per forward at most, a power of two, 1..64; found per sequence length."""
+    lm = ScaletrainLM(llama(tok, max_seq_len=4096), tok, batch_size="auto")
+    V = lm.transformer.vocab_size = 50_257  # the rule reads the vocabulary size only: GPT-2's
+    for T in (16, 1024, 4096):
+        B = lm._batch_for(T)
+        assert B & (B - 1) == 0 and 1 <= B <= harness.AUTO_MAX_BATCH
+        assert B * T * V <= harness.CPU_LOGITS_BUDGET or B == 1
+        assert B == harness.AUTO_MAX_BATCH or 2 * B * T * V > harness.CPU_LOGITS_BUDGET  # the largest that fits
+    assert [lm._batch_for(T) for T in (16, 1024, 4096)] == [64, 2, 1]
