@@ -4,8 +4,9 @@ both in eval mode and logs them); `evaluate`, `exact_match` and `sample` are als
 tests call. Not here: decoding itself (generate.py), the metric sinks (metrics.py).
 
 Evaluation and sampling run in eval mode with their own generator, so they never touch the training RNG stream or
-the MoE balancing loads (exact resume). With several ranks every rank evaluates the same windows (FSDP2 needs every
-rank in each forward).
+the MoE balancing loads (exact resume). With several ranks the validation windows and exact-match problems are
+split over the ranks and the sums all-reduced (every rank runs the same number of forwards: FSDP2 needs every rank
+in each); samples are drawn on every rank alike.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from scaletrain import records
 from scaletrain.config import Config, ConfigError
 from scaletrain.data import EvalProblem, PreparedData, Tokenizer, eval_batches, synthetic
+from scaletrain.data.loader import eval_batch_count
 from scaletrain.generate import complete, generate
 from scaletrain.model import Transformer
 
@@ -31,19 +33,37 @@ log = logging.getLogger("scaletrain")
 def _evaluate_stream(
     model: nn.Module, tokens: np.ndarray, token_bytes: np.ndarray, cfg: Config, device: torch.device, autocast, world
 ) -> tuple[float, float]:
-    """(mean next-token loss, bits per byte) over a fixed set of windows of one validation stream."""
-    nats, n_tokens, n_bytes = torch.zeros((), device=device), 0, 0
-    t = cfg.train
-    for x, y in eval_batches(tokens, t.batch_size // world, cfg.data.seq_len, t.eval_batches * world):
-        n_tokens += y.numel()
-        n_bytes += int(token_bytes[y.numpy()].sum())
-        x, y = x.to(device), y.to(device)
+    """(mean next-token loss, bits per byte) over a fixed set of windows of one validation stream. With several
+    ranks each one takes every world-th micro-batch of the same set and the sums are all-reduced: the result of
+    one process, up to the order of the fp64 sums. Ranks with one micro-batch fewer run one more forward whose
+    result is dropped (FSDP2 needs every rank in every forward)."""
+    t, rank = cfg.train, _rank(world)
+    args = (tokens, t.batch_size // world, cfg.data.seq_len, t.eval_batches * world)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    first, done = None, 0
+    for j, (x, y) in enumerate(eval_batches(*args)):
+        first = first or (x, y)
+        if j % world != rank:
+            continue
         with autocast():
-            logits = model(x).logits
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-    total = nats.item()
+            logits = model(x.to(device)).logits
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+        counts = [float(y.numel()), float(token_bytes[y.numpy()].sum())]
+        sums += torch.cat([nats.double()[None], torch.tensor(counts, dtype=torch.float64, device=device)])
+        done += 1
+    assert first is not None  # eval_batches yields at least one batch or raises
+    for _ in range(-(-eval_batch_count(*args) // world) - done):  # this rank's share ran out: a filler forward
+        with autocast():
+            model(first[0].to(device))
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    total, n_tokens, n_bytes = sums.tolist()
     # bpb: total nats of the predicted tokens -> bits, divided by the UTF-8 bytes those tokens encode.
     return total / n_tokens, total / math.log(2) / n_bytes
+
+
+def _rank(world: int) -> int:
+    return torch.distributed.get_rank() if world > 1 else 0
 
 
 def evaluate(
@@ -51,8 +71,8 @@ def evaluate(
 ) -> dict:
     """Mean next-token loss over a fixed set of validation windows of each source, and their exact bits per
     byte. Several sources: each one's as val/<source>/loss and val/<source>/bpb, and val/loss, val/bpb the
-    means weighted by the sources' training shares (the mixture's loss). With several ranks each one
-    evaluates the same windows in per-rank micro-batches (same result)."""
+    means weighted by the sources' training shares (the mixture's loss). With several ranks the windows and the
+    exact-match problems are split over the ranks (the same numbers as one process)."""
     model.eval()
     token_bytes = data.tokenizer.token_bytes()  # UTF-8 bytes each id stands for (eot: 0)
     out: dict[str, float] = {records.VAL_LOSS: 0.0, records.VAL_BPB: 0.0}
@@ -67,24 +87,35 @@ def evaluate(
         if problems:
             with autocast():
                 out[records.source_metric(name, "exact_match")] = exact_match(
-                    model, data.tokenizer, problems, cfg.train.eval_answer_tokens
+                    model, data.tokenizer, problems, cfg.train.eval_answer_tokens, world_size
                 )
     return out
 
 
 @torch.no_grad()
-def exact_match(model: nn.Module, tokenizer: Tokenizer, problems: list[EvalProblem], max_new_tokens: int) -> float:
+def exact_match(
+    model: nn.Module, tokenizer: Tokenizer, problems: list[EvalProblem], max_new_tokens: int, world: int = 1
+) -> float:
     """The share of `problems` whose greedy continuation (batched, KV-cached, stopped at end-of-text) states
     the exact answer: `synthetic.extract_answer` (the text after '####', canonical) equals the problem's.
-    A prompt longer than the model's context counts as wrong, never truncated."""
+    A prompt longer than the model's context counts as wrong, never truncated. With several ranks each answers
+    every world-th problem, decoding in lockstep (a rank with none left decodes a one-token filler), and the
+    counts are all-reduced."""
     inner = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 shards the module itself
     assert isinstance(inner, Transformer)
     prompts = [tokenizer.encode(p.prompt) for p in problems]
-    fits = [i for i, ids in enumerate(prompts) if len(ids) < inner.max_seq_len]
-    if not fits:
-        return 0.0
-    answers = complete(inner, [prompts[i] for i in fits], max_new_tokens, stop_token=tokenizer.eot_id)
-    right = sum(synthetic.extract_answer(tokenizer.decode(new)) == problems[i].answer for i, new in zip(fits, answers))
+    fits = [i for i in range(_rank(world), len(problems), world) if len(prompts[i]) < inner.max_seq_len]
+    right = 0
+    if fits or world > 1:
+        batch = [prompts[i] for i in fits] or [[tokenizer.eot_id]]
+        answers = complete(inner, batch, max_new_tokens, stop_token=tokenizer.eot_id, lockstep=world > 1)
+        right = sum(
+            synthetic.extract_answer(tokenizer.decode(new)) == problems[i].answer for i, new in zip(fits, answers)
+        )
+    if world > 1:
+        count = torch.tensor(right, device=inner.tok_emb.weight.device)
+        torch.distributed.all_reduce(count)
+        right = int(count)
     return right / len(problems)
 
 

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from scaletrain.build import build
 from scaletrain.config import ConfigError, TrainConfig, load_config
+from scaletrain.evaluator import evaluate
 from scaletrain.generate import complete
 from scaletrain.model import Transformer, param_seed
 from scaletrain.parallelize import SAVE_OPS, materialize
@@ -368,3 +369,49 @@ def test_fsdp2_under_bf16_computes_with_bf16_weights_and_keeps_fp32_master_weigh
         "grads": ["torch.float32"],
         "precision": "bf16",
     }
+
+
+_EVAL_SCRIPT = """\
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import torch
+from tests.conftest import compose_cfg
+from scaletrain import distributed
+from scaletrain.build import build
+from scaletrain.evaluator import evaluate
+
+out, overrides = sys.argv[1], sys.argv[2:]
+env = distributed.detect_env()
+distributed.init_process_group(env, torch.device("cpu"))
+cfg = compose_cfg(overrides)
+c = build(cfg, env, torch.device("cpu"))
+val = evaluate(c.model, c.data, cfg, torch.device("cpu"), c.autocast, env.world_size)
+if env.is_main:
+    json.dump(val, open(out, "w"))
+distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_split_the_evaluation_and_get_one_processes_numbers(tmp_path, data_cache, parallel):
+    """Each rank evaluates every other micro-batch of the same windows (all 11 of the split, 3 batches of 4: rank 1
+    runs a filler forward) and answers every other problem (7: 4 and 3 prompts, decoding in lockstep); the fp64
+    sums are all-reduced. Only the grouping of the fp32 per-batch sums differs from one process (batches of
+    4 windows instead of 8): relative error <= a few fp32 roundoffs of a per-batch sum."""
+    overrides = [
+        *TINY, "data=synthetic_reasoning", f"data.cache_dir={data_cache}", "data.seq_len=64",
+        "data.sources.reasoning.synthetic.n_val=10", "data.max_val_tokens=769",  # 11 windows: 3 batches of 4
+        "train.batch_size=8", "train.eval_batches=1000",
+        "train.eval_problems=7", "train.eval_answer_tokens=8", f"train.parallel={parallel}",
+    ]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    c = build(cfg)
+    one = evaluate(c.model, c.data, cfg, torch.device("cpu"), c.autocast)
+    script = tmp_path / "evaluate.py"
+    script.write_text(_EVAL_SCRIPT)
+    _run([*TORCHRUN_2, str(script), str(tmp_path / "val.json"), *overrides])
+    two = json.loads((tmp_path / "val.json").read_text())
+    assert two.keys() == one.keys() and "val/loss" in one
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=64 * FP32_U), key

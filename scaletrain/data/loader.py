@@ -224,13 +224,23 @@ class MixtureLoader:
         self.batch = state_dict["batch"]
 
 
+def _eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int) -> int:
+    n = min(n_batches * batch_size, (len(tokens) - 1) // seq_len)
+    if n <= 0:
+        raise ValueError(f"{len(tokens)} tokens hold no window of seq_len + 1 = {seq_len + 1}")
+    return n
+
+
+def eval_batch_count(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int) -> int:
+    """How many batches `eval_batches` yields for the same arguments."""
+    return -(-_eval_windows(tokens, batch_size, seq_len, n_batches) // batch_size)
+
+
 def eval_batches(
     tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first n_batches * batch_size non-overlapping windows, in order (fewer if the split is
     short; the last batch may then be smaller). The same set on every call."""
-    n = min(n_batches * batch_size, (len(tokens) - 1) // seq_len)
-    if n <= 0:
-        raise ValueError(f"{len(tokens)} tokens hold no window of seq_len + 1 = {seq_len + 1}")
+    n = _eval_windows(tokens, batch_size, seq_len, n_batches)
     for first in range(0, n, batch_size):
         yield _windows(tokens, np.arange(first, min(first + batch_size, n)) * seq_len, seq_len)
