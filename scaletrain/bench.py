@@ -5,8 +5,10 @@ then for every (variant, precision) times real training steps of scaletrain's mo
 synthetic tokens: after warm-up, the median over steps of tokens/s, FLOP/s, MFU and the step split
 into data, forward+backward and optimizer, plus peak memory. It measures the device's fp32 and bf16
 matmul peaks at start, and samples the peak of the row's precision once per round of steps: MFU on CPU
-is against that measured limit (on GPU also against the datasheet dense bf16 peak). With `--naive` a
-plain PyTorch implementation of the same model is timed in the same rounds, step for step, as a
+is against that measured limit (on GPU also against the datasheet dense bf16 peak). FLOPs count attention
+non-causal (every query against all T keys, the PaLM/nanoGPT convention of most published MFU figures); each
+row also gives the MFU of the causal count (query t against t + 1 keys), what the kernels compute. With
+`--naive` a plain PyTorch implementation of the same model is timed in the same rounds, step for step, as a
 yardstick. Also: the batch loader's own tokens/s. Prints one table and the ratios, writes JSON to
 `--out` (default: outputs/bench/<date>/<time>/bench.json, next to Hydra's run dirs and git-ignored, so a
 benchmark never leaves the checkout dirty for the git SHA the next run records).
@@ -231,7 +233,9 @@ def bench_config(cfg, precision: str, device: torch.device, peak_n: int, args) -
     tokens = np.random.default_rng(0).integers(0, vocab, size=max(10 * B * (T + 1), 2_000_000), dtype=np.int64)
     tokens = tokens.astype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     with torch.device("meta"):  # the naive model has the same shape, so the same count
-        flops_per_token = step_flops(cfg, Transformer(cfg.model, vocab, T, cfg.moe)).flops_per_token
+        meta = Transformer(cfg.model, vocab, T, cfg.moe)
+        flops_per_token = step_flops(cfg, meta).flops_per_token
+        causal_per_token = meta.flops_per_token(T, causal=True)  # what a causal kernel computes (README: FLOPs)
     contenders = [
         build_contender(cfg, impl, device, tokens, flops_per_token)
         for impl in ("scaletrain", "naive")[: 1 + args.naive]
@@ -267,6 +271,8 @@ def bench_config(cfg, precision: str, device: torch.device, peak_n: int, args) -
             "tflops": c.flops_per_token * tok_s / 1e12,
             "peak_flops": peak,
             "mfu_measured": c.flops_per_token * tok_s / peak,
+            "flops_per_token_causal": causal_per_token,
+            "mfu_causal": causal_per_token * tok_s / peak,
             "step_ms": 1e3 * step,
             "cpu_ms": 1e3 * statistics.median(c.cpu_s),
             "data_ms": 1e3 * med["data"],
@@ -297,6 +303,7 @@ def format_table(rows: list[dict]) -> str:
             f"{100 * r['mfu_measured']:>5.1f}% {r['step_ms']:>8.1f} {r['cpu_ms']:>7.0f} {r['data_ms']:>6.2f} "
             f"{r['fwd_bwd_ms']:>8.1f} "
             f"{r['optim_ms']:>7.1f} {r['peak_mem_mb']:>7.0f} {r['loader_tokens_per_s'] / r['tokens_per_s']:>7.0f}x"
+            + f"  (causal attention: MFU {100 * r['mfu_causal']:.1f}%)"
             + (f"  (datasheet MFU {100 * r['mfu_datasheet']:.1f}%)" if "mfu_datasheet" in r else "")
         )
     return "\n".join(lines)

@@ -375,14 +375,17 @@ class Transformer(nn.Module):
         active = total - inactive_params(self)
         return {"total": total, "embedding": embedding, "non_embedding": non_embedding, "active": active}
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
         """Training FLOPs per token: 6 * (matmul weights) + 12 * L * T * D for attention scores/values.
 
         Matmul weights exclude the embedding lookup but include W_e and W_ue (PaLM / nanoGPT convention,
-        attention counted as if non-causal, as in most published MFU figures); for MoE layers only the
-        weights a token is routed through (router, shared experts, top_k routed experts) count.
+        attention counted as if non-causal, as in most published MFU figures: every query against all T keys);
+        for MoE layers only the weights a token is routed through (router, shared experts, top_k routed experts)
+        count. causal=True: the attention a causal mask leaves, query t against its t + 1 keys, on average
+        (T + 1) / 2: 6 * L * (T + 1) * D (what the kernels do; the summary, MFU and FLOPs budgets use the first).
         """
         # dense matrices by role (a tied W_ue counts: the unembedding matmul runs); MoE: the weights a token uses
         dense = (r for r in param_roles(self, tied=True) if r.role.matmul and r.role not in MOE_ROLES)
         matmul = sum(r.param.numel() for r in dense) + moe_matmul_params(self)
-        return 6.0 * matmul + 12.0 * self.cfg.n_layers * seq_len * self.cfg.d_model
+        keys = (seq_len + 1) / 2 if causal else seq_len  # keys per query, averaged over the T positions
+        return 6.0 * matmul + 12.0 * self.cfg.n_layers * keys * self.cfg.d_model

@@ -102,5 +102,8 @@ def test_bench_times_both_implementations_and_writes_json_under_outputs_bench(tm
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["steps"] == 2
         assert r["cpu_ms"] > 0  # process CPU time of a step, beside its wall time
         assert r["mfu_measured"] == pytest.approx(r["tflops"] * 1e12 / r["peak_flops"])
+        # causal attention: the same tokens/s over fewer FLOPs (tiny: 2 layers of d 128, 32-token windows)
+        assert r["mfu_causal"] / r["mfu_measured"] == pytest.approx(r["flops_per_token_causal"] / r["flops_per_token"])
+        assert r["flops_per_token"] - r["flops_per_token_causal"] == 6 * 2 * (32 - 1) * 128
         assert abs(r["step_ms"] - (r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"])) < 1e-6
         assert r["tokens_per_s"] == pytest.approx(4 * 32 * 1000 / r["step_ms"])

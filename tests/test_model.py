@@ -164,6 +164,9 @@ def test_flops_per_token_follows_6n_plus_attention_formula():
     model = Transformer(cfg, vocab_size=100, max_seq_len=32)
     matmul = 2 * (4 * 64 * 64 + 2 * 64 * 128) + 64 * 64 + 64 * 100
     assert model.flops_per_token(32) == 6 * matmul + 12 * 2 * 32 * 64
+    # causal: query t meets t + 1 keys; summed over t = 0..31 and divided by 32 tokens: (32 + 1) / 2 keys each
+    keys = sum(t + 1 for t in range(32)) / 32
+    assert model.flops_per_token(32, causal=True) == 6 * matmul + 12 * 2 * keys * 64
 
 
 def test_greedy_generation_is_deterministic_and_extends_the_prompt():
