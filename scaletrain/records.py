@@ -269,6 +269,10 @@ class Summary:
     # Newton-Schulz FLOPs of Muon over the run (0 for AdamW; model FLOPs are `flops`); None: written before it was
     optimizer_flops: float | None = None
     cpu_s: float | None = None  # CPU seconds of the (rank-0) training process, all threads, over every attempt
+    # the dtype of the residual stream as the first block received it ("float32", "bfloat16"): under bf16 it is
+    # bf16 with FSDP2 (bf16 parameters) or a W_e projection (autocast), fp32 otherwise. Runs that differ in it
+    # are different experiments: the report refuses to compare them. None: written before it was recorded
+    residual_dtype: str | None = None
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:

@@ -199,6 +199,8 @@ class Trainer:
         )
         self.counts = self.model.param_counts()
         self.log_model()
+        self.residual_dtype: str | None = None  # read off the first forward (summary.json: the report compares it)
+        self._watch_residual()
         self.nonfinite_in_a_row = 0  # NaN/Inf guard (train.max_nonfinite)
         self.resume()
         self.logger = (
@@ -370,6 +372,17 @@ class Trainer:
         self.folder.status(RunState.running, self.step)
         return m
 
+    def _watch_residual(self) -> None:
+        """Record the dtype the first block receives in the first forward (after FSDP2's own input cast: the
+        precision the residual stream is added in), then stop watching."""
+
+        def seen(module: nn.Module, args: tuple) -> None:
+            self.residual_dtype = str(args[0].dtype).removeprefix("torch.")
+            handle.remove()
+            log.info("residual stream: %s", self.residual_dtype)
+
+        handle = self.model.blocks[0].register_forward_pre_hook(seen)
+
     def evaluate(self) -> dict:
         return self.evaluator(self.step, self.logger)
 
@@ -472,6 +485,7 @@ class Trainer:
             downstream=dict(self.downstream_last),
             optimizer_flops=self.step_cost.optimizer * p.step,
             cpu_s=p.cpu_time(),
+            residual_dtype=self.residual_dtype,
         )
         self.folder.finish(summary)
         self.logger.finish(summary.to_dict())

@@ -49,6 +49,7 @@ def a_summary(**changes) -> Summary:
         downstream={"downstream/t/acc": 0.25, "downstream/t/acc_stderr": 0.0125},
         optimizer_flops=2.5e8,
         cpu_s=118.75,
+        residual_dtype="bfloat16",
     )
     return dataclasses.replace(s, **changes)
 
@@ -162,6 +163,7 @@ def test_summary_fields_are_the_documented_summary_json_keys():
         "downstream",
         "optimizer_flops",
         "cpu_s",
+        "residual_dtype",
     )
     assert set(rp.SUMMARY_STATS) <= set(Summary.fields())
 
@@ -198,12 +200,13 @@ def test_a_summary_missing_a_field_is_an_error_naming_it_and_extra_keys_are_igno
 def test_a_summary_written_before_the_later_fields_existed_reads_them_as_absent(tmp_path):
     """optimizer_flops and cpu_s came after study 003's runs: their summaries must still load (as None)."""
     d = a_summary().to_dict()
-    for later in ("optimizer_flops", "cpu_s", "val", "downstream"):
+    for later in ("optimizer_flops", "cpu_s", "val", "downstream", "residual_dtype"):
         del d[later]
     records.write_json(tmp_path / records.SUMMARY_FILE, d)
     s = records.read_summary(tmp_path)
     assert s is not None and (s.optimizer_flops, s.cpu_s, s.val, s.downstream) == (None, None, {}, {})
-    assert s == dataclasses.replace(a_summary(), optimizer_flops=None, cpu_s=None, val={}, downstream={})
+    later = dict(optimizer_flops=None, cpu_s=None, val={}, downstream={}, residual_dtype=None)
+    assert s == dataclasses.replace(a_summary(), **later)
     job = rp.Job(tmp_path, 0, [], rp.JobStatus.finished, summary=s)
     assert (job.value("val/loss"), job.value("optimizer_flops"), job.value("cpu_s")) == (3.25, None, None)
 
@@ -214,7 +217,8 @@ def test_a_field_chosen_by_name_is_checked_against_the_summary_naming_the_neares
         Summary.check_field("optimiser_flops", numeric=True)
     with pytest.raises(ValueError, match=r"'run_name' is no numeric summary field"):
         Summary.check_field("run_name", numeric=True)
-    assert set(Summary.numeric_fields()) == set(Summary.fields()) - {"run_name", "wandb_id", "val", "downstream"}
+    not_numbers = {"run_name", "wandb_id", "val", "downstream", "residual_dtype"}
+    assert set(Summary.numeric_fields()) == set(Summary.fields()) - not_numbers
 
 
 # ----------------------------------------------------------------------------------------------------

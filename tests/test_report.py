@@ -803,3 +803,21 @@ def test_rebuilding_a_committed_study_folder_uses_the_options_its_report_was_bui
     assert rp.main([str(out), "--out", str(again), "--no-plots", "--metric", "val_bpb"]) == 0
     extra = render.verdict_lines((again / "report.md").read_text())
     assert set(committed) < set(extra) and any("val_bpb" in line for line in extra)
+
+
+def test_arms_whose_residual_streams_ran_in_different_precisions_are_not_compared(tmp_path):
+    """FSDP2 under bf16 adds the residual stream in bf16, one process without W_e in fp32: a comparison across them
+    measures the precision too. Runs from before the field existed (None) are not checked."""
+    for name, dtypes in {"same": ("float32", "float32"), "legacy": (None, "bfloat16")}.items():
+        sweep = tmp_path / name
+        for num, (act, dtype) in enumerate([(a, d) for a in ("relu", "gelu") for d in [dtypes[a == "gelu"]]]):
+            for seed in (0, 1):
+                write_job(sweep, 2 * num + seed, [f"model.activation={act}", f"train.seed={seed}"], 3.0 + seed,
+                          residual_dtype=dtype)  # fmt: skip
+        assert len(rp.build_report(sweep, now=NOW).arms) == 2
+    sweep = tmp_path / "mixed"
+    for num, (act, dtype) in enumerate([("relu", "float32"), ("gelu", "bfloat16")]):
+        write_job(sweep, num, [f"model.activation={act}", "train.seed=0"], 3.0, residual_dtype=dtype)
+    with pytest.raises(rp.collect.PrecisionMismatch, match=r"different precisions \(.*float32.*bfloat16.*\)") as err:
+        rp.build_report(sweep, now=NOW)
+    assert "\n" not in str(err.value)

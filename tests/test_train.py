@@ -378,3 +378,17 @@ def test_a_step_that_does_not_log_reads_the_device_back_as_the_trainer_docstring
         guard = 1 if trainer.tc.max_nonfinite > 0 else 0
         moe = per_moe_forward * len(moe_layers(trainer.model)) * trainer.tc.grad_accum
         assert len(reads) == guard + moe, reads
+
+
+@pytest.mark.parametrize(
+    "precision, embed_proj, residual",
+    [("fp32", True, "float32"), ("bf16", True, "bfloat16"), ("bf16", False, "float32")],
+)
+def test_the_summary_records_the_residual_streams_precision(
+    tmp_path, tinystories_dir, data_cache, precision, embed_proj, residual
+):
+    """Under bf16 autocast W_e's output is bf16, so the residual stream is; without W_e the fp32 embedding makes
+    every residual add fp32 (type promotion). The report refuses to compare runs that differ in it."""
+    extra = {"train.max_steps": 2, "train.precision": precision, "model.embed_proj": embed_proj, "train.eval_every": 0}
+    train(compose_cfg(tiny_overrides(tinystories_dir, data_cache, **extra)), tmp_path)
+    assert read_summary(tmp_path)["residual_dtype"] == residual

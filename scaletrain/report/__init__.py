@@ -43,6 +43,7 @@ from scaletrain.report.collect import (
     Point,
     Stat,
     check_metrics,
+    check_residual_precision,
     collect_jobs,
     expected_overrides,
     find_latest_sweep,
@@ -166,6 +167,7 @@ def build_report(
         for job in jobs:
             job.label = label_of(job)
     arms, axes = group_arms(jobs)
+    check_residual_precision(arms)  # runs in different numerics are different experiments
     chosen = _default_metrics(jobs)
     given = [Metric.parse(m) if isinstance(m, str) else m for m in metrics or []]
     check_metrics(given, jobs)  # a misspelt name fails here, naming the nearest, rather than rendering '—'

@@ -677,3 +677,24 @@ def find_latest_sweep(root: str | Path, experiment: str) -> Path:
         f"no sweep of experiment {experiment!r} under {root.resolve()} "
         f"({len(sweeps)} sweeps; experiments found: {known or 'none'})"
     )
+
+
+class PrecisionMismatch(BadInput, ValueError):
+    """Arms (or seeds of one arm) whose residual streams ran in different precisions: not one experiment."""
+
+    kind = "report"
+
+
+def check_residual_precision(arms: list[Arm]) -> None:
+    """Refuse to compare runs whose residual stream had different dtypes (summary.json `residual_dtype`: under bf16,
+    FSDP2 and a W_e projection keep it in bf16, one process or DDP without W_e in fp32), naming each arm's. Runs
+    from before the field was recorded (None) are not checked."""
+    seen = {a.label: sorted({j.summary.residual_dtype for j in a.jobs if j.summary and j.summary.residual_dtype})
+            for a in arms}  # fmt: skip
+    if len(set().union(*seen.values())) > 1:
+        listed = "; ".join(f"{label}: {', '.join(v)}" for label, v in seen.items() if v)
+        raise PrecisionMismatch(
+            f"the runs' residual streams ran in different precisions ({listed}): under train.precision=bf16 FSDP2 "
+            "and a W_e projection keep it in bf16, one process or DDP without W_e in fp32; run every arm and seed "
+            "with the same train.parallel and train.precision"
+        )
