@@ -448,3 +448,36 @@ def test_auto_batch_size_on_cpu_keeps_a_forwards_logits_under_the_budget(tok):
         assert B * T * V <= harness.CPU_LOGITS_BUDGET or B == 1
         assert B == harness.AUTO_MAX_BATCH or 2 * B * T * V > harness.CPU_LOGITS_BUDGET  # the largest that fits
     assert [lm._batch_for(T) for T in (16, 1024, 4096)] == [64, 2, 1]
+
+
+def test_the_eval_command_puts_the_downstream_metrics_into_the_runs_own_wandb_run(tok, tmp_path, monkeypatch):
+    """Same id, same mode (offline here), resumed: the run's W&B summary gains the downstream keys."""
+    import wandb
+
+    from scaletrain import eval as eval_cmd
+    from scaletrain import records as rec
+
+    run = _run_dir(tmp_path, tok, llama(tok))
+    config = json.loads((run / rec.CONFIG_FILE).read_text())
+    config["logging"]["wandb"]["mode"] = "offline"
+    (run / rec.CONFIG_FILE).write_text(json.dumps(config))
+    (run / rec.WANDB_ID_FILE).write_text("abc123")
+    calls: list[dict] = []
+
+    class FakeRun:
+        summary: dict = {}
+
+        def finish(self):
+            calls.append({"finished": True})
+
+    def init(**kw):
+        calls.append(kw)
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", init)
+    argv = [str(run), "--tasks", "local_tinystories_cloze", "--limit", "2", "--num-fewshot", "0"]
+    assert eval_cmd.main([*argv, f"--task-data=tinystories_dir={TASK_DATA['tinystories_dir']}"]) == 0
+    assert calls[0]["id"] == "abc123" and calls[0]["mode"] == "offline" and calls[0]["resume"] == "allow"
+    assert calls[-1] == {"finished": True}
+    metrics = json.loads((run / "eval.json").read_text())["metrics"]
+    assert FakeRun.summary == metrics and "downstream/local_tinystories_cloze/acc" in metrics
