@@ -186,7 +186,7 @@ class Downstream:
         )
         logger.log(step, flat)
         shown = ", ".join(
-            f"{k.removeprefix('downstream/')} {v:.4g}" for k, v in flat.items() if not k.endswith("_stderr")
+            f"{k.removeprefix(records.DOWNSTREAM)} {v:.4g}" for k, v in flat.items() if not k.endswith(records.STDERR)
         )
         log.info("step %d: downstream %s", step, shown)
         return flat

@@ -133,7 +133,7 @@ def _decode(
     B, T = idx_BT.shape
     steps, padded = int(budget_B.max()), bool(pad_B.any())
     if lockstep:
-        steps = _agree(steps, torch.distributed.ReduceOp.MAX, idx_BT.device)
+        steps = agree(steps, torch.distributed.ReduceOp.MAX, idx_BT.device)
     cache, dtype = None, model.tok_emb.weight.dtype
     if torch.is_autocast_enabled(idx_BT.device.type):
         dtype = torch.get_autocast_dtype(idx_BT.device.type)
@@ -159,7 +159,7 @@ def _decode(
             done_B = done_B | (budget_B <= t + 1)
             all_done = bool(done_B.all())
             if lockstep:
-                all_done = bool(_agree(int(all_done), torch.distributed.ReduceOp.MIN, idx_BT.device))
+                all_done = bool(agree(int(all_done), torch.distributed.ReduceOp.MIN, idx_BT.device))
             if all_done:
                 break
             input_BT = next_B[:, None]
@@ -167,8 +167,9 @@ def _decode(
     return torch.stack(new, dim=1) if new else idx_BT.new_zeros(B, 0)
 
 
-def _agree(value: int, op, device: torch.device) -> int:
-    """`value` reduced with `op` over the default process group (itself without one)."""
+def agree(value: int, op, device: torch.device) -> int:
+    """`value` reduced with `op` (a torch.distributed.ReduceOp) over the default process group (itself without
+    one): what every rank must agree on before a collective-bearing loop (decoding steps, batch counts)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
     t = torch.tensor(value, device=device)

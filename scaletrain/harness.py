@@ -46,7 +46,7 @@ from torch import nn
 from scaletrain import records
 from scaletrain.config import BadInput
 from scaletrain.data import Tokenizer
-from scaletrain.generate import _dropless, complete
+from scaletrain.generate import _dropless, agree, complete
 from scaletrain.model import Transformer
 
 if TYPE_CHECKING:
@@ -89,11 +89,10 @@ class ScaletrainLM(TemplateLM):
         super().__init__()
         # DDP: its module (scoring needs no gradient sync); FSDP2 shards the module in place (called as is)
         wrapped = getattr(model, "module", None)
-        self.module: nn.Module = wrapped if isinstance(wrapped, nn.Module) else model
-        inner = self.module
+        inner = wrapped if isinstance(wrapped, nn.Module) else model
         if not isinstance(inner, Transformer):
             raise TypeError(f"ScaletrainLM needs a scaletrain Transformer, got {type(inner).__name__}")
-        self.transformer = inner
+        self.module: Transformer = inner
         self.tok = tokenizer
         self.autocast = autocast or contextlib.nullcontext
         self._max_gen_toks = max_gen_toks
@@ -120,7 +119,7 @@ class ScaletrainLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self.transformer.max_seq_len
+        return self.module.max_seq_len
 
     @property
     def max_gen_toks(self) -> int:
@@ -136,20 +135,13 @@ class ScaletrainLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
 
-    def _all_ranks(self, value: int, op: str) -> int:
-        if self.shard_world == 1:
-            return value
-        t = torch.tensor(value, device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
-        return int(t)
-
     # -- scoring --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _scoring(self) -> Iterator[None]:
         was_training = self.module.training
         self.module.eval()  # dropout off; MoE balancing loads untouched
         try:
-            with torch.no_grad(), _dropless(self.transformer), self.autocast():
+            with torch.no_grad(), _dropless(self.module), self.autocast():
                 yield
         finally:
             self.module.train(was_training)
@@ -161,7 +153,7 @@ class ScaletrainLM(TemplateLM):
             return self._batch
         T = max(1, min(longest, self.max_length))
         if T not in self._auto:
-            self._auto[T] = self._all_ranks(self._auto_batch(T), "min")
+            self._auto[T] = agree(self._auto_batch(T), dist.ReduceOp.MIN, self._device)
             log.info("lm-eval: batch size %d for %d tokens (auto, %s)", self._auto[T], T, self._device.type)
         return self._auto[T]
 
@@ -170,7 +162,7 @@ class ScaletrainLM(TemplateLM):
         a collective): the largest power of two up to 64 with at most 2^27 logits per forward. One CUDA
         process: the largest power of two up to 64 whose [B, T] forward and log-softmax fit."""
         if self._device.type != "cuda" or self.shard_world > 1:
-            fits = CPU_LOGITS_BUDGET // (T * self.transformer.vocab_size)
+            fits = CPU_LOGITS_BUDGET // (T * self.module.vocab_size)
             return max(1, min(AUTO_MAX_BATCH, 2 ** int(math.log2(max(1, fits)))))
         B = AUTO_MAX_BATCH
         while B > 1:
@@ -205,7 +197,7 @@ class ScaletrainLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))  # longest first: one padding size
         mine = order[self.shard_rank :: self.shard_world]
         B = self._batch_for(len(inputs[order[0]]))
-        n_batches = self._all_ranks(-(-len(mine) // B), "max")  # FSDP2: every rank in every forward
+        n_batches = agree(-(-len(mine) // B), dist.ReduceOp.MAX, self._device)  # FSDP2: every rank in every forward
         out: dict[int, tuple[float, bool]] = {}
         with self._scoring():
             for b in range(n_batches):
@@ -271,12 +263,12 @@ class ScaletrainLM(TemplateLM):
             members.sort(key=lambda i: -len(contexts[i]))
             mine = members[self.shard_rank :: self.shard_world]
             B = self._batch_for(len(contexts[members[0]]) + max_gen)
-            n_batches = self._all_ranks(-(-len(mine) // B), "max")
+            n_batches = agree(-(-len(mine) // B), dist.ReduceOp.MAX, self._device)
             with self._scoring():
                 for b in range(n_batches):
                     chunk = mine[b * B : (b + 1) * B]
                     new = complete(
-                        self.module,  # pyright: ignore[reportArgumentType]  (FSDP2 shards the Transformer itself)
+                        self.module,
                         [contexts[i] for i in chunk or members[:1]],  # none left: a filler, discarded
                         max_gen,
                         temperature=temperature,
@@ -314,6 +306,7 @@ def load_tasks(tasks: list[str], metadata: dict[str, Any] | None = None) -> Task
     TaskUnavailable in one line. HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1: the hub is not asked (a task whose
     data is in the local datasets cache loads from there)."""
     from scaletrain.config import suggest
+    from scaletrain.data.common import hub_offline
 
     manager = task_manager(metadata, harness_tasks=False)
     local = list(manager.all_tasks)
@@ -330,12 +323,12 @@ def load_tasks(tasks: list[str], metadata: dict[str, Any] | None = None) -> Task
                 f"task {task!r} is not an lm-eval task{suggest(task, manager.all_tasks)}; scaletrain's local tasks: "
                 f"{', '.join(t for t in local if t.startswith('local_'))}; a task YAML: pass its path"
             )
-    if remote and not _offline_mode():
-        from scaletrain.data import unreachable
+    if remote:
+        from scaletrain.data.common import hub_failure
 
-        failure = unreachable(HUB, 3.0)
+        failure = hub_failure(3.0)
         if failure:
-            raise TaskUnavailable(_offline_message(remote, f"the Hugging Face hub is not reachable here ({failure})"))
+            raise TaskUnavailable(_offline_message(remote, f"the Hugging Face hub at {failure} is not reachable"))
     try:
         with _quiet_harness():
             return manager.load(list(tasks))
@@ -343,18 +336,9 @@ def load_tasks(tasks: list[str], metadata: dict[str, Any] | None = None) -> Task
         raise
     except Exception as err:  # a dataset not in the offline cache, a missing local file: the harness's error
         first = str(err).strip().split("\n")[0][:300] or type(err).__name__
-        if remote and (_offline_mode() or "offline" in first.lower() or "reach" in first.lower()):
+        if remote and (hub_offline() or "offline" in first.lower() or "reach" in first.lower()):
             raise TaskUnavailable(_offline_message(remote, f"{type(err).__name__}: {first}")) from None
         raise TaskUnavailable(f"tasks {', '.join(tasks)}: cannot load ({type(err).__name__}: {first})") from None
-
-
-HUB = "https://huggingface.co"
-
-
-def _offline_mode() -> bool:
-    import os
-
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _offline_message(tasks: list[str], why: str) -> str:
@@ -375,7 +359,7 @@ def flatten(results: Mapping[str, Any]) -> dict[str, float]:
             if "," not in name or not isinstance(value, int | float) or isinstance(value, bool):
                 continue
             metric, filt = name.split(",", 1)
-            if metric.endswith("_stderr"):
+            if metric.endswith(records.STDERR):
                 flat[records.downstream_metric(task, metric.removesuffix(records.STDERR), filt) + records.STDERR] = (
                     float(value)
                 )

@@ -37,6 +37,21 @@ def env_true(name: str) -> bool:
     return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: the hub is never asked (datasets reads its local cache)."""
+    return env_true("HF_HUB_OFFLINE") or env_true("HF_DATASETS_OFFLINE")
+
+
+def hub_failure(timeout_s: float) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT, default huggingface.co) cannot be reached within `timeout_s`,
+    as "<endpoint> (<reason>)"; None when it can or when offline mode is set (the cache answers instead)."""
+    if hub_offline():
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    failure = unreachable(endpoint, timeout_s)
+    return f"{endpoint} ({failure})" if failure else None
+
+
 def unreachable(endpoint: str, timeout_s: float) -> str | None:
     """Why a TCP connection to `endpoint` (a URL) failed within `timeout_s` (None when it succeeded): the
     quick probe before a client that would retry for a long time (datasets, W&B)."""

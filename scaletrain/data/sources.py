@@ -28,7 +28,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from scaletrain.config import GSM8K_TEMPLATE, SourceConfig, SourceKind
 from scaletrain.data import synthetic
-from scaletrain.data.common import CACHE_VERSION, EOT, DataError, digest, env_true, first_line, unreachable
+from scaletrain.data.common import CACHE_VERSION, EOT, DataError, digest, first_line, hub_failure
 
 SPLIT_FILES = {"train": ("train",), "val": ("valid", "validation", "val")}
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -60,13 +60,10 @@ class Corpus:
 
 def _check_hub_reachable(timeout_s: float) -> None:
     """Fail fast: offline, `datasets` retries for 23 s before giving up (notes/torch-cpu.md §9)."""
-    if env_true("HF_HUB_OFFLINE") or env_true("HF_DATASETS_OFFLINE"):
-        return  # datasets will read its local cache
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    failure = unreachable(endpoint, timeout_s)
+    failure = hub_failure(timeout_s)  # None in offline mode: datasets will read its local cache
     if failure:
         raise DataError(
-            f"cannot reach the Hugging Face hub at {endpoint} ({failure}) within data.hub_timeout_s="
+            f"cannot reach the Hugging Face hub at {failure} within data.hub_timeout_s="
             f"{timeout_s}. Use local files with data.path=../shared/data/tinystories (a folder with "
             "train.txt/valid.txt, .jsonl or .parquet), or set HF_HUB_OFFLINE=1 to use a cached copy."
         )

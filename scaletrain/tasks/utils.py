@@ -14,7 +14,8 @@ from pathlib import Path
 
 import datasets
 
-EOT = "<|endoftext|>"
+from scaletrain.data.common import EOT
+
 # cloze stories: the last word is letters only, after at least this much story (the context must say something)
 CLOZE_MIN_CHARS = 200
 _LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]+)[.!?\"']*\s*$", re.DOTALL)
